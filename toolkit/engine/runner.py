@@ -1,0 +1,125 @@
+"""Model runner: owns the parameters and the KV pool, pads a scheduled batch to
+bucketed shapes and runs the jitted step with the pool donated."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kernels.attention import get_backend
+from toolkit.cache.pool import KVPool, PoolLayout
+from toolkit.config.schema import EngineConfig
+from toolkit.engine.buckets import bucket, pow2_buckets
+from toolkit.engine.request import Sequence
+from toolkit.engine.sampler import SamplingInputs, sample
+from toolkit.models.llama import Llama, StepInputs, forward
+from toolkit.models.spec import ModelArgs
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_tokens: list[int]  # tokens fed per sequence this step
+    is_decode: bool
+
+
+def _step(state, k_pool, v_pool, inp, samp, *, graphdef, attn, max_q_len, do_sample):
+    logits, k_pool, v_pool = forward(graphdef, state, k_pool, v_pool, inp, attn=attn,
+                                     max_q_len=max_q_len)
+    tok, lp = sample(logits, samp, do_sample=do_sample)
+    return tok, lp, k_pool, v_pool
+
+
+class ModelRunner:
+    def __init__(self, args: ModelArgs, weights: dict[str, np.ndarray], ecfg: EngineConfig,
+                 dtype, num_pages: int, max_model_len: int):
+        self.args = args
+        self.page_size = ecfg.page_size
+        self.graphdef, self.state = nnx.split(Llama(args, weights, dtype))
+        self.pool = KVPool(PoolLayout.for_model(args, num_pages, ecfg.page_size, dtype))
+        max_pages = math.ceil(max_model_len / ecfg.page_size)
+        self.token_buckets = pow2_buckets(ecfg.min_bucket, ecfg.chunk_size)
+        self.batch_buckets = pow2_buckets(ecfg.min_bucket, ecfg.max_batch_size)
+        self.prefill_seq_buckets = pow2_buckets(1, ecfg.max_prefill_seqs)
+        self.q_len_buckets = pow2_buckets(2, ecfg.chunk_size)
+        self.page_buckets = pow2_buckets(1, max_pages)
+        self._fn = jax.jit(
+            functools.partial(_step, graphdef=self.graphdef, attn=get_backend(ecfg.attention_backend)),
+            static_argnames=("max_q_len", "do_sample"), donate_argnames=("k_pool", "v_pool"))
+        self._shapes_seen: set[tuple] = set()
+
+    # Predicate for the bound tests assert against: decode shapes x prefill shapes x {greedy, sample}.
+    @property
+    def max_compilations(self) -> int:
+        nd = len(self.batch_buckets) * len(self.page_buckets)
+        npf = (len(self.token_buckets) * len(self.prefill_seq_buckets) * len(self.q_len_buckets)
+               * len(self.page_buckets))
+        return 2 * (nd + npf)
+
+    @property
+    def num_compilations(self) -> int:
+        return self._fn._cache_size()
+
+    def run(self, batch: ScheduledBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Feed the batch's tokens, write their KV, sample one token per sequence."""
+        inp, samp, max_q_len, do_sample = self._prepare(batch)
+        key = (inp.tokens.shape[0], inp.page_table.shape, max_q_len, do_sample)
+        if key not in self._shapes_seen:
+            self._shapes_seen.add(key)
+            log.info("compiling step for T=%d page_table=%s max_q_len=%d sample=%s", *key)
+        tok, lp, self.pool.k, self.pool.v = self._fn(
+            self.state, self.pool.k, self.pool.v, inp, samp, max_q_len=max_q_len, do_sample=do_sample)
+        n = len(batch.seqs)
+        return np.asarray(tok)[:n], np.asarray(lp)[:n]
+
+    def _prepare(self, batch: ScheduledBatch):
+        S, n = self.page_size, len(batch.seqs)
+        if batch.is_decode:
+            B = T = bucket(n, self.batch_buckets)
+            max_q_len = 1
+        else:
+            T = bucket(sum(batch.num_tokens), self.token_buckets)
+            B = bucket(n, self.prefill_seq_buckets)
+            max_q_len = bucket(max(batch.num_tokens), self.q_len_buckets)
+        kv_end = [s.num_computed + k for s, k in zip(batch.seqs, batch.num_tokens)]
+        maxP = bucket(max(math.ceil(e / S) for e in kv_end), self.page_buckets)
+        tokens, positions, slots = (np.zeros(T, np.int32) for _ in range(3))
+        page_table = np.zeros((B, maxP), np.int32)
+        cu = np.zeros(B + 1, np.int32)
+        kv_lens, logits_idx = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        off = 0
+        for i, (seq, k) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            start = seq.num_computed
+            pos = np.arange(start, start + k)
+            pages = np.asarray(seq.pages[: math.ceil((start + k) / S)], np.int32)
+            tokens[off:off + k] = seq.token_ids[start:start + k]
+            positions[off:off + k] = pos
+            slots[off:off + k] = pages[pos // S] * S + pos % S
+            page_table[i, :len(pages)] = pages
+            off += k
+            cu[i + 1], kv_lens[i], logits_idx[i] = off, start + k, off - 1
+        cu[n + 1:] = off  # padding sequences: zero queries
+        inp = StepInputs(*(jnp.asarray(a) for a in (tokens, positions, slots, page_table, cu,
+                                                     kv_lens, logits_idx)))
+        return inp, self._sampling(batch.seqs, B), max_q_len, any(
+            s.params.temperature > 0 for s in batch.seqs)
+
+    @staticmethod
+    def _sampling(seqs: list[Sequence], B: int) -> SamplingInputs:
+        pad = B - len(seqs)
+        col = lambda f, dt: jnp.asarray(np.asarray([f(s) for s in seqs] + [0] * pad, dt))
+        return SamplingInputs(
+            temperature=col(lambda s: s.params.temperature, np.float32),
+            top_k=col(lambda s: s.params.top_k, np.int32),
+            top_p=jnp.asarray(np.asarray([s.params.top_p for s in seqs] + [1.0] * pad, np.float32)),
+            seeds=col(lambda s: s.seed, np.uint32),
+            counters=col(lambda s: len(s.output_ids), np.int32))

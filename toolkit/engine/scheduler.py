@@ -1,0 +1,101 @@
+"""Continuous batching with chunked prefill.
+
+Each step is either a prefill step (chunks of prompts, at most chunk_size
+tokens, at most max_prefill_seqs sequences) or a decode step (one token for
+every running sequence whose prompt is done). New requests are admitted into
+the running set between steps, so they join a running decode batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from toolkit.cache.allocator import PageAllocator
+from toolkit.config.schema import EngineConfig
+from toolkit.engine.request import Sequence, Status
+from toolkit.engine.runner import ScheduledBatch
+
+
+class Scheduler:
+    def __init__(self, ecfg: EngineConfig, allocator: PageAllocator):
+        self.cfg = ecfg
+        self.allocator = allocator
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._last_was_prefill = False
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        decode = [s for s in self.running if s.num_pending == 1]
+        partial = [s for s in self.running if s.num_pending > 1]
+        yield_to_decode = self.cfg.interleave_decode and self._last_was_prefill and decode
+        if (partial or self.waiting) and not yield_to_decode:
+            batch = self._schedule_prefill(partial)
+            if batch is not None:
+                self._last_was_prefill = True
+                return batch
+        self._last_was_prefill = False
+        return self._schedule_decode(decode) if decode else None
+
+    def _pages_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.cfg.page_size)
+
+    def _schedule_prefill(self, partial: list[Sequence]) -> ScheduledBatch | None:
+        budget, seqs, counts = self.cfg.chunk_size, [], []
+        for s in partial:
+            if budget == 0 or len(seqs) == self.cfg.max_prefill_seqs:
+                break
+            seqs.append(s), counts.append(min(s.num_pending, budget))
+            budget -= counts[-1]
+        while (self.waiting and budget > 0 and len(seqs) < self.cfg.max_prefill_seqs
+               and len(self.running) < self.cfg.max_batch_size):
+            s = self.waiting[0]
+            need = self._pages_for(s.num_tokens)
+            if not self.allocator.can_allocate(need):
+                break
+            self.waiting.popleft()
+            s.pages, s.status = self.allocator.allocate(need), Status.RUNNING
+            self.running.append(s)
+            seqs.append(s), counts.append(min(s.num_pending, budget))
+            budget -= counts[-1]
+        return ScheduledBatch(seqs, counts, is_decode=False) if seqs else None
+
+    def _schedule_decode(self, cands: list[Sequence]) -> ScheduledBatch | None:
+        seqs = []
+        for s in cands:
+            if s.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            while len(s.pages) < self._pages_for(s.num_computed + 1):
+                if self.allocator.can_allocate(1):
+                    s.pages += self.allocator.allocate(1)
+                elif self.preempt(self.running[-1]) is s:
+                    break
+            if s.status is Status.RUNNING:
+                seqs.append(s)
+        return ScheduledBatch(seqs, [1] * len(seqs), is_decode=True) if seqs else None
+
+    def preempt(self, seq: Sequence) -> Sequence:
+        """Give a running sequence's pages back; it recomputes prompt + output when readmitted."""
+        self.release(seq)
+        seq.status, seq.num_computed = Status.WAITING, 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        return seq
+
+    def release(self, seq: Sequence) -> None:
+        """Free a sequence's pages and drop it from the running set."""
+        self.allocator.free(seq.pages)
+        seq.pages = []
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.release(seq)

@@ -1,0 +1,103 @@
+"""Llama-family decoder in Flax NNX, run as a pure function over split state.
+
+Layer weights are stacked on a leading axis and the forward pass scans them,
+so one layer body is compiled whatever the depth. The KV pool rides in the
+scan carry and is updated in place (the caller donates it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kernels.attention import AttentionBackend
+from toolkit.models.rope import apply_rope, inv_frequencies
+from toolkit.models.spec import LAYER_KEYS, OPTIONAL_LAYER_KEYS, ModelArgs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    """One ragged step: T tokens of B sequences (shapes bucketed by the runner)."""
+
+    tokens: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32
+    slot_mapping: jax.Array  # [T] int32, page * page_size + offset; padding -> page 0
+    page_table: jax.Array  # [B, maxP] int32
+    cu_q_lens: jax.Array  # [B+1] int32
+    kv_lens: jax.Array  # [B] int32, KV length including this step's tokens
+    logits_indices: jax.Array  # [B] int32, the token row whose logits each sequence needs
+
+
+def rms_norm(x, w, eps):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * w.astype(jnp.float32)).astype(x.dtype)
+
+
+class Layers(nnx.Module):
+    """All decoder layers, each weight stacked as [L, ...]."""
+
+    def __init__(self, weights: dict[str, np.ndarray], dtype):
+        for k in LAYER_KEYS + OPTIONAL_LAYER_KEYS:
+            if k in weights:
+                setattr(self, k, nnx.Param(jnp.asarray(weights[k], dtype)))
+
+
+class Llama(nnx.Module):
+    def __init__(self, args: ModelArgs, weights: dict[str, np.ndarray], dtype=jnp.float32):
+        self.args = args
+        self.embed = nnx.Param(jnp.asarray(weights["embed"], dtype))  # [V, D]
+        self.layers = Layers(weights, dtype)
+        self.final_norm = nnx.Param(jnp.asarray(weights["final_norm"], dtype))
+        self.lm_head = None if args.tie_word_embeddings else nnx.Param(jnp.asarray(weights["lm_head"], dtype))
+
+
+def _layer_params(model: Llama) -> dict[str, jax.Array]:
+    return {k: getattr(model.layers, k)[...] for k in LAYER_KEYS + OPTIONAL_LAYER_KEYS
+            if hasattr(model.layers, k)}
+
+
+def forward(graphdef, state, k_pool, v_pool, inp: StepInputs, *, attn: AttentionBackend,
+            max_q_len: int):
+    """Run one step. Returns (logits [B, V] float32, k_pool, v_pool).
+
+    max_q_len == 1 selects the decode kernel (one token per sequence, T == B).
+    """
+    model: Llama = nnx.merge(graphdef, state)
+    a = model.args
+    H, KV, Dh = a.num_heads, a.num_kv_heads, a.head_dim
+    scale = 1.0 / float(np.sqrt(Dh))
+    inv_freq = inv_frequencies(Dh, a.rope_theta, a.rope_scaling)
+    x = model.embed[...][inp.tokens]  # [T, D]
+    T = x.shape[0]
+
+    def layer(carry, lp):
+        x, k_pool, v_pool, li = carry
+        h = rms_norm(x, lp["attn_norm"], a.rms_norm_eps)
+        q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+        if "bq" in lp:
+            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+        q = apply_rope(q.reshape(T, H, Dh), inp.positions, inv_freq)
+        k = apply_rope(k.reshape(T, KV, Dh), inp.positions, inv_freq)
+        k_pool, v_pool = attn.write_kv(k_pool, v_pool, li, k, v.reshape(T, KV, Dh), inp.slot_mapping)
+        if max_q_len == 1:
+            o = attn.decode(q, k_pool, v_pool, li, inp.page_table, inp.kv_lens, scale=scale)
+        else:
+            o = attn.prefill(q, k_pool, v_pool, li, inp.page_table, inp.cu_q_lens, inp.kv_lens,
+                             max_q_len=max_q_len, scale=scale)
+        x = x + o.reshape(T, H * Dh) @ lp["wo"]
+        h = rms_norm(x, lp["mlp_norm"], a.rms_norm_eps)
+        x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+        return (x, k_pool, v_pool, li + 1), None
+
+    (x, k_pool, v_pool, _), _ = jax.lax.scan(layer, (x, k_pool, v_pool, jnp.int32(0)),
+                                             _layer_params(model))
+    h = rms_norm(x[inp.logits_indices], model.final_norm[...], a.rms_norm_eps)  # [B, D]
+    head = model.embed[...].T if model.lm_head is None else model.lm_head[...]
+    logits = jnp.dot(h, head, preferred_element_type=jnp.float32)  # [B, V]
+    return logits, k_pool, v_pool

@@ -1,0 +1,71 @@
+"""The main job: load the configured model, generate for one prompt.
+
+    python -m toolkit.run prompt="What is the capital of France?"
+    python -m toolkit.run prompt="..." chat=false max_new_tokens=32 temperature=0
+
+stdout gets only the generated text (streamed); statistics and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from toolkit import logs
+from toolkit.config import schema
+from toolkit.config.validate import ConfigError, validate
+
+schema.register()
+
+
+def sampling_from(cfg):
+    from toolkit.engine.request import SamplingParams
+
+    return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed, stop=list(cfg.stop))
+
+
+def build_engine(cfg):
+    """Validate the whole config, then build the engine (load, then allocate)."""
+    from toolkit.engine.engine import Engine
+
+    validate(cfg)
+    return Engine.from_config(cfg.model, cfg.engine)
+
+
+def main_job(cfg) -> None:
+    engine = build_engine(cfg)
+    prompt = engine.chat_prompt(cfg.prompt, cfg.system) if cfg.chat else cfg.prompt
+    params = sampling_from(cfg)
+    t0 = time.perf_counter()
+    seq = engine.add_request(prompt, params, on_token=lambda s, t, d: (sys.stdout.write(d), sys.stdout.flush())
+                             if cfg.stream else None)
+    engine.run_until_done()
+    dt = time.perf_counter() - t0
+    if not cfg.stream:
+        sys.stdout.write(seq.text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    n, ttft = len(seq.output_ids), seq.first_token_time - seq.arrival_time
+    decode_rate = (n - 1) / max(dt - ttft, 1e-9) if n > 1 else 0.0
+    print(f"[stats] prompt_tokens={len(seq.prompt_ids)} generated_tokens={n} "
+          f"ttft={ttft * 1000:.1f}ms total={dt:.2f}s tokens/s={n / dt:.1f} decode_tokens/s={decode_rate:.1f} "
+          f"finish={seq.finish_reason} compilations={engine.num_compilations}", file=sys.stderr)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="run")
+def main(cfg: DictConfig) -> None:
+    logs.setup()
+    cfg = OmegaConf.to_object(cfg)
+    try:
+        main_job(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
