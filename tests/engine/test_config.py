@@ -1,0 +1,62 @@
+"""Bad configuration values fail with a clear message before anything is loaded or allocated."""
+
+import pytest
+
+from tests.conftest import TINY_MODEL, engine_cfg
+from toolkit.config.validate import ConfigError
+from toolkit.engine.engine import Engine
+
+
+@pytest.fixture
+def no_alloc(monkeypatch):
+    """Make loading or allocating fail loudly, so a test passes only if validation came first."""
+    import toolkit.cache.pool as pool
+    import toolkit.models.loader as loader
+
+    def boom(*a, **k):
+        raise AssertionError("allocated or loaded before validation")
+
+    monkeypatch.setattr(pool.KVPool, "__init__", boom)
+    monkeypatch.setattr(loader, "load_checkpoint", boom)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(page_size=12), "engine.page_size=12 must be a power of two"),
+    (dict(page_size=0), "engine.page_size=0"),
+    (dict(num_pages=1), "engine.num_pages=1"),
+    (dict(chunk_size=5000, num_pages=64, page_size=4), "engine.chunk_size=5000 is larger than the pool"),
+    (dict(max_batch_size=0), "engine.max_batch_size"),
+    (dict(attention_backend="flash9"), "engine.attention_backend='flash9' is not allowed; allowed values: auto, reference"),
+])
+def test_bad_engine_values(no_alloc, overrides, needle):
+    """Guards against impossible engine settings crashing later (or silently) instead of at start."""
+    with pytest.raises(ConfigError) as ei:
+        Engine.from_config(TINY_MODEL, engine_cfg(**overrides))
+    assert needle in str(ei.value)
+
+
+@pytest.mark.parametrize("model_kw,needle", [
+    (dict(source="onnx"), "model.source='onnx' is not allowed; allowed values: gguf, hf, orbax, random"),
+    (dict(source="gguf", path="/nonexistent/model.gguf"), "model.path='/nonexistent/model.gguf': no such file"),
+    (dict(source="hf", path="/nonexistent"), "no such directory"),
+    (dict(dtype="int3"), "model.dtype='int3'"),
+])
+def test_bad_model_values(no_alloc, model_kw, needle):
+    """Guards against a missing model file or unknown source surfacing as a stack trace mid-load."""
+    import dataclasses
+
+    with pytest.raises(ConfigError) as ei:
+        Engine.from_config(dataclasses.replace(TINY_MODEL, **model_kw), engine_cfg())
+    assert needle in str(ei.value)
+
+
+def test_bad_role_cache_transfer(no_alloc):
+    """Guards against roles/policies that do not exist yet being accepted and ignored."""
+    from toolkit.config.schema import RunConfig
+    from toolkit.config.validate import validate
+
+    for path, attr in (("role", "name"), ("cache", "policy"), ("transfer", "backend")):
+        cfg = RunConfig(model=TINY_MODEL, engine=engine_cfg())
+        setattr(getattr(cfg, path), attr, "bogus")
+        with pytest.raises(ConfigError, match=f"{path}.{attr}='bogus'"):
+            validate(cfg)

@@ -1,0 +1,157 @@
+"""Engine behaviour on the tiny random model: batching, chunking, donation, compilation, sampling."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from toolkit.engine.request import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def prompts(n, seed=0, lo=1, hi=40, vocab=384):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(3, vocab, rng.integers(lo, hi))) for _ in range(n)]
+
+
+def one_by_one(engine, ps, params=GREEDY):
+    return [engine.generate([p], params)[0].token_ids for p in ps]
+
+
+def test_batched_equals_one_by_one_with_staggered_joins(tiny_ckpt, make_engine):
+    """Guards against cross-talk between sequences in a batch and against requests that join a
+    running decode batch at a later step reading someone else's KV."""
+    ps = prompts(7, seed=1)
+    ref = one_by_one(make_engine(tiny_ckpt), ps)
+    e = make_engine(tiny_ckpt)
+    seqs, pending = [], list(ps)
+    while pending or e.has_unfinished():
+        if pending:  # one new request every step: each joins a batch that is already decoding
+            seqs.append(e.add_request(pending.pop(0), dataclasses.replace(GREEDY)))
+        e.step()
+    assert [s.output_ids for s in seqs] == ref
+
+
+@pytest.mark.parametrize("chunk_size,page_size", [(3, 4), (5, 4), (6, 8), (16, 4)])
+def test_chunked_prefill_equals_unchunked(tiny_ckpt, make_engine, chunk_size, page_size):
+    """Guards against chunk boundaries that split a page or fall mid-prompt corrupting KV or positions."""
+    ps = prompts(4, seed=2, lo=10, hi=60)
+    ref = make_engine(tiny_ckpt, chunk_size=128, page_size=page_size).generate(ps, GREEDY)
+    got = make_engine(tiny_ckpt, chunk_size=chunk_size, page_size=page_size).generate(ps, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+def test_kv_pool_address_stable_under_donation(tiny_ckpt, make_engine):
+    """Guards against a step that copies the pool instead of updating the donated buffer in place
+    (NIXL registers the address once)."""
+    e = make_engine(tiny_ckpt)
+    before = e.runner.pool.buffer_pointers()
+    for p in prompts(5, seed=3):
+        e.add_request(p, dataclasses.replace(GREEDY, max_new_tokens=20))
+    steps = 0
+    while e.has_unfinished():
+        e.step()
+        steps += 1
+        assert e.runner.pool.buffer_pointers() == before, f"pool moved at step {steps}"
+    assert steps > 20
+
+
+def test_compilations_bounded_and_reused(tiny_ckpt, make_engine):
+    """Guards against shapes leaking into jit unbucketed (a compile per request length)."""
+    e = make_engine(tiny_ckpt)
+    work = prompts(12, seed=4, lo=1, hi=100)
+    params = [dataclasses.replace(GREEDY, max_new_tokens=int(n)) for n in np.random.default_rng(5).integers(1, 30, 12)]
+    e.generate(work, params)
+    first = e.num_compilations
+    assert 0 < first <= e.runner.max_compilations
+    e.generate(work, params)
+    assert e.num_compilations == first, "the same workload compiled again"
+    e.generate(prompts(12, seed=6, lo=1, hi=100), params)
+    assert e.num_compilations <= e.runner.max_compilations
+
+
+def test_preemption_when_pool_runs_out_keeps_outputs(tiny_ckpt, make_engine):
+    """Guards against wrong tokens or leaked pages when decode runs out of pages and must recompute."""
+    ps = prompts(6, seed=7, lo=8, hi=20)
+    params = dataclasses.replace(GREEDY, max_new_tokens=24)
+    ref = make_engine(tiny_ckpt).generate(ps, params)
+    small = make_engine(tiny_ckpt, num_pages=24, chunk_size=16)
+    got = small.generate(ps, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert small.scheduler.num_preemptions > 0, "the scenario did not exercise preemption"
+
+
+def test_max_new_tokens_and_stop_strings(tiny_ckpt, make_engine):
+    """Guards against off-by-one generation lengths and stop strings leaking into the output."""
+    e = make_engine(tiny_ckpt)
+    p = prompts(1, seed=8, lo=5, hi=6)[0]
+    full = e.generate([p], dataclasses.replace(GREEDY, max_new_tokens=20))[0]
+    assert len(full.token_ids) == 20 and full.finish_reason == "length"
+    text = full.text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop, "tiny model produced no text"
+    cut = e.generate([p], dataclasses.replace(GREEDY, max_new_tokens=20, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.find(stop)]
+    assert stop not in cut.text
+
+
+def test_stream_deltas_concatenate_to_text(tiny_ckpt, make_engine):
+    """Guards against streamed text that differs from the final text (lost or repeated deltas)."""
+    e = make_engine(tiny_ckpt)
+    p = prompts(1, seed=9)[0]
+    stop = e.generate([p], GREEDY)[0].text[5:7]
+    for params in (GREEDY, dataclasses.replace(GREEDY, stop=[stop])):
+        want = e.generate([p], params)[0].text
+        assert "".join(e.stream(p, params)) == want
+
+
+def test_seeds_and_temperature(tiny_ckpt, make_engine):
+    """Guards against seeds that do not reproduce, sampling that ignores temperature, and batch
+    composition leaking into a seeded sample."""
+    e = make_engine(tiny_ckpt)
+    p = prompts(1, seed=10)[0]
+    hot = SamplingParams(max_new_tokens=16, temperature=1.5, seed=123, ignore_eos=True)
+    a = e.generate([p], hot)[0].token_ids
+    b = e.generate([p] + prompts(3, seed=11), hot)[0].token_ids  # same seed, other batch mates
+    c = e.generate([p], dataclasses.replace(hot, seed=7))[0].token_ids
+    g = e.generate([p], GREEDY)[0].token_ids
+    assert a == b
+    assert a != c
+    assert a[:12] != g
+    k1 = e.generate([p], dataclasses.replace(hot, top_k=1))[0].token_ids
+    assert k1[:12] == g, "top_k=1 must equal greedy"
+
+
+def test_logprobs_are_log_probabilities(tiny_ckpt, make_engine):
+    """Guards against logprobs of the wrong token or unnormalized scores."""
+    e = make_engine(tiny_ckpt)
+    out = e.generate([prompts(1, seed=12)[0]], GREEDY)[0]
+    assert len(out.logprobs) == len(out.token_ids)
+    assert all(lp <= 0 for lp in out.logprobs)
+
+
+def test_abort_frees_pages(tiny_ckpt, make_engine):
+    """Guards against aborted requests keeping their pages."""
+    e = make_engine(tiny_ckpt)
+    s = e.add_request(prompts(1, seed=13, lo=30, hi=31)[0], dataclasses.replace(GREEDY, max_new_tokens=50))
+    for _ in range(3):
+        e.step()
+    assert e.allocator.num_used > 0
+    e.abort(s.request_id)
+    assert e.allocator.all_free() and s.finish_reason == "abort"
+
+
+def test_bad_requests_rejected(tiny_ckpt, make_engine):
+    """Guards against invalid sampling values or oversize prompts entering the scheduler."""
+    e = make_engine(tiny_ckpt)
+    for bad, field in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+                       (dict(top_k=-2), "top_k"), (dict(max_new_tokens=0), "max_new_tokens")]:
+        with pytest.raises(ValueError, match=field):
+            e.add_request([5, 6], SamplingParams(**bad))
+    with pytest.raises(ValueError, match="max_model_len"):
+        e.add_request([5] * 600)
+    with pytest.raises(ValueError, match="empty"):
+        e.add_request([])
+    assert not e.has_unfinished()
