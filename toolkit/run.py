@@ -50,10 +50,13 @@ def main_job(cfg) -> None:
     sys.stdout.write("\n")
     sys.stdout.flush()
     n, ttft = len(seq.output_ids), seq.first_token_time - seq.arrival_time
-    decode_rate = (n - 1) / max(dt - ttft, 1e-9) if n > 1 else 0.0
+    # Time spent compiling new shapes is reported apart from the generation rate.
+    compile_s = engine.runner.compile_seconds
+    rate = n / max(dt - compile_s, 1e-9)
     print(f"[stats] prompt_tokens={len(seq.prompt_ids)} generated_tokens={n} "
-          f"ttft={ttft * 1000:.1f}ms total={dt:.2f}s tokens/s={n / dt:.1f} decode_tokens/s={decode_rate:.1f} "
-          f"finish={seq.finish_reason} compilations={engine.num_compilations}", file=sys.stderr)
+          f"ttft={ttft * 1000:.1f}ms tokens/s={rate:.1f} total={dt:.2f}s "
+          f"(compile {compile_s:.2f}s, {engine.num_compilations} compilations) finish={seq.finish_reason}",
+          file=sys.stderr)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="run")
