@@ -1,0 +1,75 @@
+"""random_checkpoint, the byte tokenizer, and load_checkpoint's dispatch and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toolkit.config.schema import ModelConfig
+from toolkit.models.loader import load_checkpoint
+from toolkit.models.random_init import TINY_ARGS, byte_tokenizer, random_checkpoint
+from toolkit.models.spec import ModelArgs, check_weights
+
+
+def test_shapes_and_values():
+    """Guards against shapes that disagree with ModelArgs and degenerate values (all-equal
+    norms, huge init) that would hide bugs in tests using the tiny model."""
+    ckpt = random_checkpoint(ModelArgs(**TINY_ARGS))
+    check_weights(ckpt.args, ckpt.weights)
+    assert all(w.dtype == np.float32 for w in ckpt.weights.values())
+    assert "lm_head" not in ckpt.weights
+    assert 0.015 < ckpt.weights["wq"].std() < 0.025
+    norm = ckpt.weights["attn_norm"]
+    assert abs(norm.mean() - 1) < 0.05 and norm.std() > 0.01
+
+
+def test_seeded():
+    """Guards against non-reproducible weights across processes (tests compare runs)."""
+    a, b, c = (random_checkpoint(ModelArgs(**TINY_ARGS), seed=s) for s in (0, 0, 1))
+    assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
+    assert not np.array_equal(a.weights["embed"], c.weights["embed"])
+
+
+def test_untied_has_lm_head():
+    """Guards against forgetting lm_head when embeddings are not tied."""
+    ckpt = random_checkpoint(ModelArgs(**{**TINY_ARGS, "tie_word_embeddings": False}))
+    assert ckpt.weights["lm_head"].shape == (64, 384)
+
+
+def test_vocab_too_small():
+    """Guards against token ids from the byte tokenizer indexing past the embedding."""
+    with pytest.raises(ValueError, match="vocab_size >= 259"):
+        random_checkpoint(ModelArgs(**{**TINY_ARGS, "vocab_size": 258}))
+
+
+def test_byte_tokenizer():
+    """Guards against a tokenizer that cannot represent arbitrary text, or wrong specials/eos."""
+    tok = byte_tokenizer()
+    text = "héllo 😀\n\t<|im_start|>x"
+    ids = tok.encode(text)
+    assert ids[:2] == [ord("h"), 0xC3] and 257 in ids and max(ids) < 259
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    assert tok.eos_token_ids == [258, 256] and tok.bos_token_id is None
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_loader_random_overrides():
+    """Guards against model.random overrides or the seed being ignored."""
+    cfg = ModelConfig(name="t", source="random", seed=5, random={"num_layers": 3})
+    ckpt = load_checkpoint(cfg, progress=False)
+    assert ckpt.args.num_layers == 3 and ckpt.weights["wq"].shape[0] == 3
+    np.testing.assert_array_equal(ckpt.weights["embed"], random_checkpoint(ckpt.args, seed=5).weights["embed"])
+
+
+@pytest.mark.parametrize("cfg, error, match", [
+    (ModelConfig(name="t", source="pytorch"), ValueError, "allowed: gguf, hf, orbax, random"),
+    (ModelConfig(name="t", source="hf"), ValueError, "model.path"),
+    (ModelConfig(name="t", source="orbax", path="/no/such/dir"), FileNotFoundError, "model.path"),
+    (ModelConfig(name="t", source="gguf"), ValueError, "model.gguf_package"),
+    (ModelConfig(name="t", source="random", random={"layers": 3}), ValueError, "unknown keys"),
+])
+def test_loader_errors(cfg, error, match):
+    """Guards against unhelpful errors for common config mistakes."""
+    with pytest.raises(error, match=match):
+        load_checkpoint(cfg, progress=False)

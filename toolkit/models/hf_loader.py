@@ -1,0 +1,145 @@
+"""Load a Hugging Face Llama-family model directory (config.json, *.safetensors, tokenizer.json)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from toolkit.models.checkpoint import Checkpoint
+from toolkit.models.spec import ModelArgs, check_weights
+from toolkit.models.tokenizer import Tokenizer
+
+# Same block structure and math as Llama (RMSNorm, SwiGLU, rotate_half RoPE).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# safetensors dtype names -> numpy; bf16/fp8 come from ml_dtypes since numpy has none
+# (safetensors.numpy raises "data type 'bfloat16' not understood" on them).
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+# HF per-layer name -> (our key, is a Linear weight to transpose to x @ W)
+_LAYER_NAMES = {
+    "input_layernorm.weight": ("attn_norm", False), "post_attention_layernorm.weight": ("mlp_norm", False),
+    "self_attn.q_proj.weight": ("wq", True), "self_attn.k_proj.weight": ("wk", True),
+    "self_attn.v_proj.weight": ("wv", True), "self_attn.o_proj.weight": ("wo", True),
+    "self_attn.q_proj.bias": ("bq", False), "self_attn.k_proj.bias": ("bk", False),
+    "self_attn.v_proj.bias": ("bv", False),
+    "mlp.gate_proj.weight": ("w_gate", True), "mlp.up_proj.weight": ("w_up", True),
+    "mlp.down_proj.weight": ("w_down", True),
+}
+_GLOBAL_NAMES = {"embed_tokens.weight": ("embed", False), "norm.weight": ("final_norm", False),
+                 "lm_head.weight": ("lm_head", True)}
+_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # a buffer some old checkpoints saved
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Zero-copy (memory-mapped) numpy views of every tensor in a .safetensors file.
+
+    Format: u64 little-endian header size, JSON header {name: {dtype, shape,
+    data_offsets}}, then the raw little-endian data.
+    """
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    if not header:
+        return {}
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for name, h in header.items():
+        if h["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported safetensors dtype {h['dtype']}")
+        start, end = h["data_offsets"]
+        out[name] = data[start:end].view(_DTYPES[h["dtype"]]).reshape(h["shape"])
+    return out
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """transformers v4 ``rope_scaling`` or v5 ``rope_parameters``, minus rope_theta; None if plain RoPE."""
+    d = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    d.pop("rope_theta", None)
+    if "type" in d:  # older spelling
+        d.setdefault("rope_type", d.pop("type"))
+    return d if d.get("rope_type", "default") != "default" else None
+
+
+def args_from_config(cfg: dict[str, Any]) -> ModelArgs:
+    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"config.json model_type {cfg.get('model_type')!r} is not supported "
+                         f"(supported: {list(SUPPORTED_MODEL_TYPES)})")
+    heads = cfg["num_attention_heads"]
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return ModelArgs(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        rope_theta=float(theta),
+        rope_scaling=_rope_scaling(cfg),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+    )
+
+
+def _place(name: str, args: ModelArgs) -> tuple[str, int | None, bool] | None:
+    """(our key, layer index or None, transpose?) for an HF tensor name; None = skip it."""
+    short = name.removeprefix("model.")
+    if short in _GLOBAL_NAMES:
+        key, transpose = _GLOBAL_NAMES[short]
+        # Tied checkpoints sometimes still store lm_head; the embedding is authoritative.
+        return None if key == "lm_head" and args.tie_word_embeddings else (key, None, transpose)
+    match = _LAYER.fullmatch(short)
+    if match and match.group(2) in _LAYER_NAMES and int(match.group(1)) < args.num_layers:
+        key, transpose = _LAYER_NAMES[match.group(2)]
+        return key, int(match.group(1)), transpose
+    if _IGNORED.fullmatch(name):
+        return None
+    raise ValueError(f"safetensors tensor {name!r} is not part of a supported Llama-family model")
+
+
+def load_hf_dir(path: str | Path, dtype=np.float32, progress: bool = True) -> Checkpoint:
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d} has no config.json; is it a Hugging Face model directory?")
+    cfg = json.loads((d / "config.json").read_text())
+    args = args_from_config(cfg)
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{d} has no *.safetensors files (.bin checkpoints are not supported)")
+    dtype = np.dtype(dtype)
+    weights: dict[str, np.ndarray] = {}
+    filled: dict[str, int] = {}
+    tensors = {name: t for f in files for name, t in read_safetensors(f).items()}
+    for name, t in tqdm(tensors.items(), desc="loading safetensors", unit="tensor", file=sys.stderr,
+                        disable=not progress):
+        if (place := _place(name, args)) is None:
+            continue
+        key, layer, transpose = place
+        w = t.T if transpose else t
+        if layer is None:
+            weights[key] = np.ascontiguousarray(w, dtype=dtype)
+            continue
+        if key not in weights:
+            weights[key] = np.empty((args.num_layers, *w.shape), dtype=dtype)
+        weights[key][layer] = w
+        filled[key] = filled.get(key, 0) + 1
+    if short := [k for k, n in filled.items() if n != args.num_layers]:
+        raise ValueError(f"{d}: some of the {args.num_layers} layers lack tensors for {short}")
+    if cfg.get("attention_bias") and not {"bq", "bk", "bv"} <= weights.keys():
+        raise ValueError(f"{d}: config says attention_bias but q/k/v biases are missing")
+    check_weights(args, weights)
+    return Checkpoint(args=args, weights=weights, tokenizer=Tokenizer.from_hf_dir(d))
