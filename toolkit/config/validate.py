@@ -11,9 +11,9 @@ from kernels.attention import CHOICES as ATTENTION_CHOICES
 
 MODEL_SOURCES = ("gguf", "hf", "orbax", "random")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ROLES = ("unified",)
+ROLES = ("unified", "prefill", "decode")
 CACHE_POLICIES = ("none",)
-TRANSFER_BACKENDS = ("none",)
+TRANSFER_BACKENDS = ("none", "nixl", "inproc")
 
 
 class ConfigError(ValueError):
@@ -70,3 +70,19 @@ def validate(cfg) -> None:
     _one_of("role.name", cfg.role.name, ROLES)
     _one_of("cache.policy", cfg.cache.policy, CACHE_POLICIES)
     _one_of("transfer.backend", cfg.transfer.backend, TRANSFER_BACKENDS)
+    validate_pd(cfg.role, cfg.transfer)
+
+
+def validate_pd(role, t) -> None:
+    """P/D roles need a transfer backend, and the unified role must not ask for one."""
+    if role.name in ("prefill", "decode"):
+        _need(t.backend != "none", f"role.name={role.name} needs a transfer backend: "
+              "set transfer.backend to one of nixl, inproc")
+    elif t.backend != "none":
+        _need(False, f"transfer.backend={t.backend} is only used by role.name=prefill or decode "
+              f"(got role.name={role.name}); use transfer.backend=none")
+    for f in ("bootstrap_timeout_s", "wait_timeout_s"):
+        _need(getattr(t, f) > 0, f"transfer.{f}={getattr(t, f)} must be > 0")
+    _need(t.quarantine_s >= 0, f"transfer.quarantine_s={t.quarantine_s} must be >= 0")
+    _need(0 <= t.fault_rate <= 1, f"transfer.fault_rate={t.fault_rate} must be in [0, 1]")
+    _need(t.max_rooms >= 1, f"transfer.max_rooms={t.max_rooms} must be >= 1")

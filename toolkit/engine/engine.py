@@ -43,8 +43,12 @@ def pool_pages(ecfg: EngineConfig, page_bytes_all_layers: int) -> int:
 
 
 class Engine:
-    def __init__(self, ckpt: Checkpoint, ecfg: EngineConfig, dtype=jnp.float32):
+    def __init__(self, ckpt: Checkpoint, ecfg: EngineConfig, dtype=jnp.float32,
+                 keep_pages_on_finish: bool = False):
+        """keep_pages_on_finish: finished requests keep their pages until ``free_pages``
+        (the prefill role frees them once the KV transfer that reads them is done)."""
         V.validate_engine(ecfg)
+        self.keep_pages_on_finish = keep_pages_on_finish
         self.cfg = ecfg
         self.args = ckpt.args
         self.tokenizer: Tokenizer = ckpt.tokenizer
@@ -78,7 +82,7 @@ class Engine:
         params = params or SamplingParams()
         params.validate()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_fits(ids, params)
+        self.check_fits(ids, params)
         seq = Sequence(ids, params, on_token=on_token)
         if request_id is not None:
             if request_id in self.seqs:
@@ -90,7 +94,7 @@ class Engine:
         self.scheduler.add(seq)
         return seq
 
-    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+    def check_fits(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise ValueError("prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -104,11 +108,33 @@ class Engine:
             raise ValueError(f"request needs up to {need} pages; the pool has {self.allocator.num_usable}")
 
     def abort(self, request_id: str) -> None:
+        """Stop a request; its pages are freed unless keep_pages_on_finish (then: free_pages)."""
         seq = self.seqs.get(request_id)
         if seq is None or seq.is_finished:
             return
-        self.scheduler.abort(seq)
+        self._retire(seq)
         self._finish(seq, "abort")
+
+    def free_pages(self, seq: Sequence) -> None:
+        self.allocator.free(seq.pages)
+        seq.pages = []
+
+    def add_prefilled(self, seq: Sequence, token: int, logprob: float) -> None:
+        """Admit a request whose prompt KV is already in ``seq.pages`` (written by a prefill
+        worker) together with its first token; it then decodes like any other."""
+        seq.num_computed = seq.num_tokens
+        if seq.params.seed is None and not seq.seed:
+            seq.seed = random.getrandbits(32)
+        self.seqs[seq.request_id] = seq
+        self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
+        self.scheduler.add_running(seq)
+        self._append(seq, token, logprob)
+
+    def _retire(self, seq: Sequence) -> None:
+        if self.keep_pages_on_finish:
+            self.scheduler.detach(seq)
+        else:
+            self.scheduler.release(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -157,7 +183,7 @@ class Engine:
         if seq.on_token is not None:
             seq.on_token(seq, tok, delta)
         if reason:
-            self.scheduler.release(seq)
+            self._retire(seq)
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -91,13 +91,21 @@ class Scheduler:
         return seq
 
     def release(self, seq: Sequence) -> None:
-        """Free a sequence's pages and drop it from the running set."""
+        """Free a sequence's pages and drop it from the scheduler."""
+        self.detach(seq)
         self.allocator.free(seq.pages)
         seq.pages = []
+
+    def detach(self, seq: Sequence) -> None:
+        """Drop a sequence from the scheduler but leave its pages allocated (the caller
+        frees them later, e.g. once a transfer that reads them has finished)."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
 
-    def abort(self, seq: Sequence) -> None:
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        self.release(seq)
+    def add_running(self, seq: Sequence) -> None:
+        """Admit a sequence whose KV is already in its pages (P/D decode side)."""
+        assert seq.pages and seq.num_computed > 0
+        seq.status = Status.RUNNING
+        self.running.append(seq)

@@ -14,7 +14,7 @@ from toolkit.models.tokenizer import BYTE_ALPHABET, Tokenizer
 
 TINY_ARGS: dict[str, Any] = dict(
     vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-    head_dim=16, rope_theta=10000.0, max_position_embeddings=2048,
+    head_dim=16, rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
 )
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -45,11 +45,14 @@ def random_checkpoint(args: ModelArgs, seed: int = 0) -> Checkpoint:
     rng = np.random.default_rng(seed)
     L, D, F, V = args.num_layers, args.hidden_size, args.intermediate_size, args.vocab_size
     qd, kd = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    normal = lambda *shape: rng.normal(0.0, 0.02, shape).astype(np.float32)  # noqa: E731
+    # Scaled like a trained model (std 1/sqrt(fan_in), unit embeddings) so attention is
+    # sharp and the next token depends on the context: a near-uniform model would emit the
+    # same token forever and hide KV-cache bugs from the tests that compare outputs.
+    normal = lambda *shape: rng.normal(0.0, shape[-2] ** -0.5, shape).astype(np.float32)  # noqa: E731
     # Norm weights near 1 with noise: exactly-1 norms would hide a missing or misplaced norm.
     norm = lambda *shape: (1.0 + rng.normal(0.0, 0.1, shape)).astype(np.float32)  # noqa: E731
     weights = {
-        "embed": normal(V, D), "final_norm": norm(D),
+        "embed": rng.normal(0.0, 1.0, (V, D)).astype(np.float32), "final_norm": norm(D),
         "attn_norm": norm(L, D), "wq": normal(L, D, qd), "wk": normal(L, D, kd), "wv": normal(L, D, kd),
         "wo": normal(L, qd, D), "mlp_norm": norm(L, D),
         "w_gate": normal(L, D, F), "w_up": normal(L, D, F), "w_down": normal(L, F, D),

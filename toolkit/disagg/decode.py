@@ -1,0 +1,208 @@
+"""The decode role: pre-allocate pages, tell prefill where to write, then decode.
+
+Per room: allocate pages for the prompt (past ``decode_prefix_len``) and an aux
+slot, send the ``RoomMeta`` (Bootstrapping -> WaitingForInput), count the
+transfer notifications (Transferring), and when the last one and every
+earlier one have arrived read the aux record, check its room id (and
+checksum), and admit the request into the running decode batch with its first
+token (Success). On failure or timeout the pages are freed, but only once
+nothing can still be writing into them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+
+from toolkit.disagg.protocol import RoomMeta, RoomState, pages_checksum, parse_notif
+from toolkit.disagg.room import Room, WorkerBase, num_prompt_pages
+from toolkit.engine.request import SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class DecodeWorker(WorkerBase):
+    role = "decode"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._handshaken: set[str] = set()
+        self._peer_errors: dict[str, str] = {}
+        self._pending: list[Room] = []  # Bootstrapping: waiting for pages / aux slot
+        # pages of failed rooms that prefill might still be writing: (deadline, room, pages)
+        self._quarantine: list[tuple[float, Room]] = []
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def submit(self, room: int, prompt_ids: list[int], params: SamplingParams, prefill_addr: str,
+               on_token=None, on_done=None) -> Room:
+        """Take a room; on_token(seq, token, text_delta) streams, on_done(room) ends it."""
+        params.validate()
+        self.engine.check_fits(list(prompt_ids), params)
+        r = self._new_room(room, prompt_ids, params, prefill_addr, on_done)
+        r.seq = Sequence(list(prompt_ids), params, request_id=f"room-{room}", on_token=on_token)
+        if params.seed is not None:
+            r.seq.seed = params.seed
+        self._pending.append(r)
+        return r
+
+    def abort(self, room: int, reason: str = "aborted") -> None:
+        """Client abort: during transfer the room fails; while decoding the request stops."""
+        r = self.rooms.get(room)
+        if r is None:
+            return
+        if not r.state.done:
+            self._fail(r, reason)
+        elif r.state is RoomState.SUCCESS and not r.seq.is_finished:
+            self.engine.abort(r.seq.request_id)
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def tick(self) -> None:
+        for m in self.control.recv_all():
+            self._on_control(m)
+        for raw in self.backend.notifications():
+            self._on_notif(raw)
+        self._admit_pending()
+        if self.engine.has_unfinished():
+            for seq in self.engine.step():
+                if seq.is_finished:
+                    self._finished(seq)
+        self._timeouts()
+
+    def _finished(self, seq: Sequence) -> None:
+        r = self.rooms.get(int(seq.request_id.split("-", 1)[1]))
+        if r is not None and r.on_done is not None:
+            r.on_done(r)
+        self.engine.seqs.pop(seq.request_id, None)
+
+    def _admit_pending(self) -> None:
+        """Pre-allocate pages in arrival order; stop at the first room that does not fit."""
+        S, alloc = self.page_size, self.engine.allocator
+        while self._pending:
+            r = self._pending[0]
+            if r.state.done:
+                self._pending.pop(0)
+                continue
+            if r.peer_addr in self._peer_errors:
+                self._pending.pop(0)
+                self._fail(r, self._peer_errors[r.peer_addr])
+                continue
+            self._handshake(r.peer_addr)
+            need = num_prompt_pages(r, S)
+            busy = len(self.engine.scheduler.running) + sum(
+                1 for x in self.active_rooms() if x.state is not RoomState.BOOTSTRAPPING)
+            if not alloc.can_allocate(need) or self.aux.num_free == 0 or busy >= self.engine.cfg.max_batch_size:
+                return
+            self._pending.pop(0)
+            r.pages, r.aux_slot = alloc.allocate(need), self.aux.allocate()
+            r.meta = RoomMeta(r.room, list(r.pages), r.aux_slot, [], 0)
+            self.control.send(r.peer_addr, r.meta.to_msg())
+            r.set(RoomState.WAITING_FOR_INPUT, time.perf_counter() + self.tcfg.wait_timeout_s)
+
+    def _handshake(self, peer: str) -> None:
+        if peer not in self._handshaken:
+            self.control.send(peer, {"type": "handshake", "metadata": self.backend.metadata()})
+            self._handshaken.add(peer)
+
+    def _on_control(self, m: dict) -> None:
+        kind, peer = m["type"], m["from"]
+        if kind == "handshake_failed":
+            self._peer_errors[peer] = f"handshake with prefill {peer} failed: {m['error']}"
+            for r in self.active_rooms():
+                if r.peer_addr == peer:
+                    self._fail(r, self._peer_errors[peer], tell_peer=False)
+        elif kind == "handshake_ok":
+            self._peer_errors.pop(peer, None)
+        elif kind == "failed":
+            r = self.rooms.get(m["room"])
+            if r is not None and not r.state.done:
+                # prefill sends "failed" only when none of its writes is in flight
+                self._fail(r, f"prefill failed the request: {m['error']}", tell_peer=False, quarantine=False)
+        elif kind == "released":
+            for i, (_, r) in enumerate(self._quarantine):
+                if r.room == m["room"]:
+                    self._quarantine.pop(i)
+                    self._free(r)
+                    break
+
+    def _on_notif(self, raw: bytes) -> None:
+        parsed = parse_notif(raw)
+        if parsed is None:
+            log.warning("ignoring unknown notification %r", raw)
+            return
+        room, kind, n = parsed
+        r = self.rooms.get(room)
+        if r is None or r.state.done:
+            return  # late notification of a room that already ended
+        r.notifs_seen += 1
+        if kind == "last":
+            r.expected = n
+        if r.state is RoomState.WAITING_FOR_INPUT:
+            r.set(RoomState.TRANSFERRING)
+        if r.expected is not None and r.notifs_seen == r.expected:
+            self._complete(r)
+
+    def _complete(self, r: Room) -> None:
+        rec = self.aux.records[r.aux_slot].copy()
+        if int(rec["room"]) != r.room:
+            return self._fail(r, f"aux slot {r.aux_slot} holds room {int(rec['room'])}, expected room "
+                                 f"{r.room}: slot mix-up", quarantine=False)
+        if self.tcfg.checksum:
+            pages = np.asarray(r.pages, np.int32)
+            pool = self.engine.runner.pool
+            got = pages_checksum(np.asarray(pool.k[:, pages]), np.asarray(pool.v[:, pages]))
+            if got != int(rec["checksum"]):
+                return self._fail(r, f"KV checksum mismatch for room {r.room}: prefill sent "
+                                     f"{int(rec['checksum']):#x}, decode holds {got:#x}", quarantine=False)
+        self.aux.free(r.aux_slot)
+        r.aux_slot = None
+        self.stats["rooms_ok"] += 1
+        r.set(RoomState.SUCCESS)
+        seq = r.seq
+        seq.pages, r.pages = r.pages, []
+        self.engine.add_prefilled(seq, int(rec["token"]), float(rec["logprob"]))
+        if seq.is_finished:  # max_new_tokens == 1 or a stop token: the aux record was the answer
+            self._finished(seq)
+
+    def _timeouts(self) -> None:
+        now = time.perf_counter()
+        for r in self.active_rooms():
+            if now > r.deadline:
+                what = ("no pages or prefill never took the room" if r.state is RoomState.BOOTSTRAPPING
+                        else f"prefill did not deliver the KV within transfer.wait_timeout_s="
+                             f"{self.tcfg.wait_timeout_s}")
+                self._fail(r, f"{r.state.value} timed out: {what}")
+        while self._quarantine and self._quarantine[0][0] < now:
+            self._free(self._quarantine.pop(0)[1])
+
+    def _fail(self, r: Room, error: str, tell_peer: bool = True, quarantine: bool = True) -> None:
+        """End a room that has not succeeded. Its pages may still be a WRITE target unless
+        prefill said otherwise, so they wait in quarantine until prefill confirms ``released``
+        or ``transfer.quarantine_s`` passes (a dead prefill never writes again)."""
+        was_waiting = r.state is not RoomState.BOOTSTRAPPING
+        self._finish_room(r, RoomState.FAILED, error)
+        if tell_peer and was_waiting:
+            self.control.send(r.peer_addr, {"type": "abort", "room": r.room, "error": error})
+        if quarantine and was_waiting and r.pages:
+            self._quarantine.append((time.perf_counter() + self.tcfg.quarantine_s, r))
+        else:
+            self._free(r)
+
+    def _free(self, r: Room) -> None:
+        if r.pages:
+            self.engine.allocator.free(r.pages)
+            r.pages = []
+        if r.aux_slot is not None:
+            self.aux.free(r.aux_slot)
+            r.aux_slot = None
+
+    def _holds(self, r: Room) -> bool:
+        return bool(r.pages) or any(q is r for _, q in self._quarantine) or (
+            r.state is RoomState.SUCCESS and r.seq is not None and not r.seq.is_finished)
+
+    def idle(self) -> bool:
+        return super().idle() and not self._quarantine

@@ -1,0 +1,93 @@
+"""``inproc``: both engines in one process (a notebook, a quick experiment).
+
+Same protocol as ``nixl``; the copy is a jitted scatter of the source pages into
+the destination pool with the destination donated, so its address stays put.
+Both workers must be driven from one thread (``toolkit.disagg.pair.PDPair``):
+a write touches the peer's pool between its steps, never during one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.attention_ref import gather_pages, scatter_pages
+from toolkit.disagg.transfer import AuxBuffer, TransferBackend, TransferError, XferStatus, pool_spec
+from toolkit.engine.buckets import bucket, pow2_buckets
+
+_REGISTRY: dict[str, "InprocBackend"] = {}
+_handles = itertools.count()
+
+
+@jax.jit
+def _gather(src, idx):
+    return gather_pages(src, idx)
+
+
+_scatter = jax.jit(scatter_pages, donate_argnums=0)
+
+
+class InprocBackend(TransferBackend):
+    name = "inproc"
+
+    def __init__(self, agent_name: str, pool, aux: AuxBuffer):
+        if agent_name in _REGISTRY:
+            raise ValueError(f"inproc agent {agent_name!r} already exists")
+        self.agent_name, self.pool, self.aux = agent_name, pool, aux
+        self.spec = pool_spec(pool)
+        self._peers: set[str] = set()
+        self._notifs: list[bytes] = []
+        self._page_buckets = pow2_buckets(1, pool.layout.num_pages)
+        _REGISTRY[agent_name] = self
+
+    def metadata(self) -> dict[str, Any]:
+        return {"agent": self.agent_name, "spec": self.spec.__dict__ | {"addresses": list(self.spec.addresses)}}
+
+    def connect(self, peer: dict[str, Any]) -> str:
+        name = peer["agent"]
+        other = _REGISTRY.get(name)
+        if other is None:
+            raise TransferError(f"no inproc agent named {name!r} in this process")
+        self.spec.check_compatible(other.spec)
+        self._peers.add(name)
+        return name
+
+    def write(self, peer: str, src_pages: list[int], dst_pages: list[int],
+              aux: Optional[tuple[int, int]], notif: bytes) -> Any:
+        dst = _REGISTRY.get(peer)
+        if peer not in self._peers or dst is None:
+            raise TransferError(f"peer {peer!r} is not connected")
+        assert len(src_pages) == len(dst_pages)
+        if src_pages:
+            n = bucket(len(src_pages), self._page_buckets)
+            pad = [0] * (n - len(src_pages))  # page 0 -> page 0: the padding page absorbs it
+            src_idx = jnp.asarray(np.asarray(list(src_pages) + pad, np.int32))
+            dst_idx = jnp.asarray(np.asarray(list(dst_pages) + pad, np.int32))
+            dev = dst.pool.k.devices().pop()
+            for name in ("k", "v"):
+                staged = jax.device_put(_gather(getattr(self.pool, name), src_idx), dev)
+                setattr(dst.pool, name, _scatter(getattr(dst.pool, name), dst_idx, staged))
+        if aux is not None:
+            dst.aux.records[aux[1]] = self.aux.records[aux[0]]
+        dst._notifs.append(notif)
+        return next(_handles)
+
+    def status(self, handle: Any) -> XferStatus:
+        return XferStatus.DONE
+
+    def release(self, handle: Any) -> None:
+        pass
+
+    def notifications(self) -> list[bytes]:
+        out, self._notifs = self._notifs, []
+        return out
+
+    def disconnect(self, peer: str) -> None:
+        self._peers.discard(peer)
+
+    def close(self) -> None:
+        _REGISTRY.pop(self.agent_name, None)

@@ -1,0 +1,158 @@
+"""Transfer backends: move KV pages and the aux record from a prefill pool into a decode pool.
+
+A backend is created on each side around that side's buffers:
+
+    pools   the KV pool buffers (K and V), each [L, P, S, KV, Dh], one page of one layer
+            contiguous; registered once (their addresses never move: they are donated
+            through every jitted step)
+    aux     an ``AuxBuffer``: a small host array of fixed-size records, one slot per room
+    states  extra per-request state buffers (recurrent layers); empty for attention-only
+            models, and an empty list means "no state", never "wait for state"
+
+The initiator (prefill) calls ``write`` for each finished chunk; the target
+(decode) only registers, hands out its ``metadata()`` and reads
+``notifications()``. A notification is delivered only after the data of the
+transfer that carries it has landed.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+from typing import Any, Optional
+
+import numpy as np
+
+# One aux record: which room it belongs to (decode checks it against the slot's
+# room to detect a slot mix-up), the first sampled token, its logprob, and an
+# optional checksum of the room's transferred pages.
+AUX_DTYPE = np.dtype([("room", "<i8"), ("token", "<i4"), ("logprob", "<f4"), ("checksum", "<u8"),
+                      ("num_pages", "<i4"), ("pad", "<i4")])  # 32 bytes
+
+
+class AuxBuffer:
+    """Host records, one slot per in-flight room; slot allocation is the caller's (a free list)."""
+
+    def __init__(self, num_slots: int):
+        self.records = np.zeros(num_slots, AUX_DTYPE)
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        assert self._free, "no free aux slot"
+        slot = self._free.pop()
+        self.records[slot] = np.zeros((), AUX_DTYPE)
+        return slot
+
+    def free(self, slot: int) -> None:
+        assert slot not in self._free, f"aux slot {slot} freed twice"
+        self._free.append(slot)
+
+    @property
+    def address(self) -> int:
+        return self.records.ctypes.data
+
+    @property
+    def nbytes(self) -> int:
+        return self.records.nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSpec:
+    """What the peers must agree on (checked at handshake) plus where the buffers are."""
+
+    num_layers: int
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    page_bytes: int  # bytes of one page of one layer of one buffer
+    mem_type: str  # "DRAM" (CPU arrays) or "VRAM" (GPU arrays)
+    device_id: int
+    addresses: tuple[int, ...]  # one base address per pool buffer (K, V)
+
+    AGREE = ("num_layers", "page_size", "num_kv_heads", "head_dim", "dtype", "page_bytes")
+
+    def check_compatible(self, other: "PoolSpec") -> None:
+        """Raise LayoutMismatch naming the first field where the two pools differ."""
+        for f in self.AGREE + ("num_buffers",):
+            mine = getattr(self, f) if f != "num_buffers" else len(self.addresses)
+            theirs = getattr(other, f) if f != "num_buffers" else len(other.addresses)
+            if mine != theirs:
+                raise LayoutMismatch(f"KV layout mismatch: {f} is {mine!r} here and {theirs!r} on the peer")
+
+    def desc_offset(self, layer: int, page: int) -> int:
+        return (layer * self.num_pages + page) * self.page_bytes
+
+
+class LayoutMismatch(ValueError):
+    pass
+
+
+class TransferError(RuntimeError):
+    pass
+
+
+class XferStatus(enum.Enum):
+    PROC = "PROC"
+    DONE = "DONE"
+    ERR = "ERR"
+
+
+class TransferBackend(abc.ABC):
+    """Contract shared by the ``nixl`` and ``inproc`` backends (one protocol test suite runs both)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def metadata(self) -> dict[str, Any]:
+        """JSON-serialisable handshake payload: agent identity/metadata and ``PoolSpec`` fields."""
+
+    @abc.abstractmethod
+    def connect(self, peer: dict[str, Any]) -> str:
+        """Register a peer from its ``metadata()`` (once per peer); returns its name.
+
+        Raises LayoutMismatch before any transfer if the pools disagree.
+        """
+
+    @abc.abstractmethod
+    def write(self, peer: str, src_pages: list[int], dst_pages: list[int],
+              aux: Optional[tuple[int, int]], notif: bytes) -> Any:
+        """Start a WRITE of pages (every layer, K and V) and optionally one aux slot
+        (src_slot, dst_slot) into the peer; ``notif`` reaches the peer after the data.
+        Returns a handle for ``status``. Raises TransferError if it cannot start."""
+
+    @abc.abstractmethod
+    def status(self, handle: Any) -> XferStatus:
+        """Poll a transfer. Polling is what drives progress (and notification delivery) for
+        some backends, so the initiator must keep polling until DONE or ERR. Backend
+        exceptions (e.g. remote disconnect) are reported as ERR, never raised."""
+
+    @abc.abstractmethod
+    def release(self, handle: Any) -> None:
+        """Free a finished (DONE or ERR) transfer's resources."""
+
+    @abc.abstractmethod
+    def notifications(self) -> list[bytes]:
+        """Notifications received since the last call (target side)."""
+
+    def disconnect(self, peer: str) -> None:
+        """Forget a peer (e.g. after it died)."""
+
+    def close(self) -> None:
+        """Deregister buffers and stop the agent."""
+
+
+def pool_spec(pool) -> PoolSpec:
+    """The ``PoolSpec`` of a ``toolkit.cache.pool.KVPool`` (reads the raw buffer addresses)."""
+    lay = pool.layout
+    dev = pool.k.devices().pop() if hasattr(pool.k, "devices") else None
+    on_gpu = dev is not None and dev.platform == "gpu"
+    return PoolSpec(lay.num_layers, lay.num_pages, lay.page_size, lay.num_kv_heads, lay.head_dim, lay.dtype,
+                    lay.page_bytes, "VRAM" if on_gpu else "DRAM", dev.id if on_gpu else 0,
+                    tuple(pool.buffer_pointers()))
