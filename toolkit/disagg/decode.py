@@ -113,8 +113,8 @@ class DecodeWorker(WorkerBase):
         if kind == "handshake_failed":
             self._peer_errors[peer] = f"handshake with prefill {peer} failed: {m['error']}"
             for r in self.active_rooms():
-                if r.peer_addr == peer:
-                    self._fail(r, self._peer_errors[peer], tell_peer=False)
+                if r.peer_addr == peer:  # prefill refused us: it never writes into these pages
+                    self._fail(r, self._peer_errors[peer], tell_peer=False, quarantine=False)
         elif kind == "handshake_ok":
             self._peer_errors.pop(peer, None)
         elif kind == "failed":
