@@ -40,11 +40,9 @@ BACKENDS = ["inproc", "nixl"]
 
 
 def has_nixl() -> bool:
-    try:
-        import nixl  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    from toolkit.disagg.nixl_backend import nixl_available
+
+    return nixl_available()
 
 
 @pytest.fixture(params=BACKENDS)

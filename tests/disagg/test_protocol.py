@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -115,13 +116,17 @@ def test_checksum_detects_corruption(tiny_ckpt, make_pair):
     assert [g.token_ids for g in pair.generate(prompts, params)] == ref
     dec = pair.decode
     real = dec.backend.notifications
+    # In place (donated): the pool stays at its registered address, as a real bit flip would.
+    bump = jax.jit(lambda k, page: k.at[:, page].add(1.0), donate_argnums=0)
 
     def corrupting():  # flip the decode copy of each room's first page before the check
         out = real()
         for r in dec.active_rooms():
             if r.pages:
                 pool = dec.engine.runner.pool
-                pool.k = pool.k.at[:, r.pages[0]].add(1.0)
+                before = pool.buffer_pointers()
+                pool.k = bump(pool.k, r.pages[0])
+                assert pool.buffer_pointers() == before
         return out
 
     dec.backend.notifications = corrupting
@@ -152,16 +157,26 @@ def test_aux_room_mismatch_detected(tiny_ckpt, make_pair):
 
 
 def test_abort_during_transfer_frees_both_sides(tiny_ckpt, make_pair):
-    """Guards against an aborted room leaving pages or aux slots allocated on either side."""
-    pair = make_pair(tiny_ckpt, tcfg_kw=dict(quarantine_s=2.0))
-    p = edge_prompts(5)[2]  # several chunks: the abort lands mid-transfer
+    """Guards against an aborted room leaving pages or aux slots allocated on either side,
+    and against prefill writing on after decode gave the room up."""
+    pair = make_pair(tiny_ckpt, tcfg_kw=dict(quarantine_s=5.0))
+    p = edge_prompts(5)[2]  # 53 tokens, 4 prefill chunks: the abort lands after the first
     r = pair.submit(p, SamplingParams(max_new_tokens=5))
+    pair.decode.tick()  # handshake + room metadata
+    t0 = time.perf_counter()
+    while pair.prefill.rooms[r.room].num_transfers == 0:
+        pair.prefill.tick()  # one engine step = one chunk, then its transfer
     while r.state is not RoomState.TRANSFERRING:
-        pair.step()
+        pair.prefill._poll()  # drive the posted transfer without computing more chunks
+        pair.decode.tick()
+        assert time.perf_counter() - t0 < 10
     pair.decode.abort(r.room, "client went away")
+    pair.decode.tick()
     settle(pair)
+    pr = pair.prefill.rooms[r.room]
     assert r.state is RoomState.FAILED and "client went away" in r.error
-    assert pair.prefill.rooms[r.room].state is RoomState.FAILED
+    assert pr.state is RoomState.FAILED and not pr.last_posted
+    assert time.perf_counter() - t0 < 5, "decode waited for the quarantine instead of prefill's release"
 
 
 def test_decode_times_out_when_prefill_never_answers(tiny_ckpt, make_pair):

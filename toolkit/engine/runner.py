@@ -47,6 +47,7 @@ class ModelRunner:
         self.page_size = ecfg.page_size
         self.graphdef, self.state = nnx.split(Llama(args, weights, dtype))
         self.pool = KVPool(PoolLayout.for_model(args, num_pages, ecfg.page_size, dtype))
+        self._pool_ptrs = self.pool.buffer_pointers()
         max_pages = math.ceil(max_model_len / ecfg.page_size)
         self.token_buckets = pow2_buckets(ecfg.min_bucket, ecfg.chunk_size)
         self.batch_buckets = pow2_buckets(ecfg.min_bucket, ecfg.max_batch_size)
@@ -82,6 +83,9 @@ class ModelRunner:
             t0 = time.perf_counter()
         tok, lp, self.pool.k, self.pool.v = self._fn(
             self.state, self.pool.k, self.pool.v, inp, samp, max_q_len=max_q_len, do_sample=do_sample)
+        # Transfer backends registered these addresses once; a step that moved the pool
+        # would make them write into freed memory.
+        assert self.pool.buffer_pointers() == self._pool_ptrs, "KV pool moved: donation failed"
         n = len(batch.seqs)
         tok, lp = np.asarray(tok)[:n], np.asarray(lp)[:n]
         if new_shape:  # first call of a shape: compile + one run, reported apart from serving time

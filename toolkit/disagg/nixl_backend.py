@@ -1,0 +1,386 @@
+"""NIXL transfer backend: one-sided WRITEs of KV pages and aux records into a peer's pool.
+
+Choices
+-------
+Descriptor granularity
+    One descriptor per (buffer, layer, page): ``base + spec.desc_offset(layer, page)``,
+    ``page_bytes`` long, in buffer-major order (K layers.., V layers..), followed by one
+    descriptor per aux slot (``AUX_DTYPE.itemsize`` each). Every buffer is registered once,
+    by raw address, at construction; the local list is prepared once and each peer's list
+    once at ``connect``. A write only computes index arrays (numpy, no per-page Python work):
+    for buffer b, layer l and page pair (src, dst) the local index is
+    ``(b*L + l)*P_local + src`` and the remote one ``(b*L + l)*P_remote + dst``; so the two
+    pools may have different ``num_pages``. NIXL merges index-adjacent descriptors that are
+    also address-contiguous, so runs of consecutive pages become one UCX put.
+
+How notifications piggyback
+    The notification rides on the transfer request (``make_prepped_xfer(..., notif_msg)``);
+    NIXL/UCX delivers it to the target only after that request's data has landed. When the
+    pool list and the aux list can be one list on both sides (both pools in DRAM), pages and
+    aux go in a single request carrying the notification. A prepared list holds one memory
+    type only, so when either pool is VRAM the pages and the aux slot are two requests: the
+    pages (no notification) first and, once the initiator sees them DONE (UCX completes a put
+    only after a remote flush), the aux record with the notification; ``status`` drives that
+    second post. A write with no pages and no aux has nothing to carry the message, and NIXL
+    rejects empty requests, so it is sent with ``send_notif`` (a standalone notification) and
+    its handle is DONE at once.
+
+Error mapping
+    NIXL reports failures as exceptions from its bindings (``nixlRemoteDisconnectError``,
+    ``nixlBackendError``, ...: they share no base class beyond ``Exception``) or as an "ERR"
+    state. ``write`` raises ``TransferError`` when a request cannot be created or posted
+    (unknown peer, dead peer noticed at post time) and ``ValueError`` for bad arguments;
+    ``status`` never raises: an exception or "ERR" from ``check_xfer_state`` is
+    ``XferStatus.ERR`` and is sticky. ``release``/``disconnect``/``close`` swallow (and log)
+    NIXL errors so that cleanup after a peer died always completes.
+
+The initiator must keep polling ``status`` until DONE or ERR (that is what drives progress and
+the second stage of a split write). Not thread-safe: one thread per backend.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import numpy as np
+
+from toolkit.disagg.transfer import (AUX_DTYPE, AuxBuffer, LayoutMismatch, PoolSpec, TransferBackend,
+                                     TransferError, XferStatus)
+
+log = logging.getLogger(__name__)
+
+_LOCAL = "NIXL_INIT_AGENT"
+
+
+def _nixl_api():
+    """The ``nixl._api`` module: through the ``nixl`` meta package when installed, else the
+    CUDA-variant wheel directly (``pip install nixl-cu12`` ships only ``nixl_cu12``)."""
+    errors = []
+    for name in ("nixl._api", "nixl_cu12._api", "nixl_cu13._api"):
+        try:
+            return __import__(name, fromlist=["nixl_agent"])
+        except ImportError as e:  # noqa: PERF203
+            errors.append(f"{name}: {e}")
+    raise ImportError("NIXL is not installed (pip install nixl-cu12): " + "; ".join(errors))
+
+
+def nixl_available() -> bool:
+    try:
+        _nixl_api()
+        return True
+    except ImportError:
+        return False
+
+
+def _descs(bases: tuple[int, ...], num_layers: int, num_pages: int, page_bytes: int, device_id: int) -> np.ndarray:
+    """Nx3 (address, length, device) rows, buffer-major, then layer, then page."""
+    offs = np.arange(num_layers * num_pages, dtype=np.uint64) * np.uint64(page_bytes)
+    rows = np.empty((len(bases) * offs.size, 3), np.uint64)
+    rows[:, 0] = (np.asarray(bases, np.uint64)[:, None] + offs[None, :]).reshape(-1)
+    rows[:, 1] = page_bytes
+    rows[:, 2] = device_id
+    return rows
+
+
+def _aux_descs(address: int, slots: int) -> np.ndarray:
+    rows = np.empty((slots, 3), np.uint64)
+    rows[:, 0] = np.uint64(address) + np.arange(slots, dtype=np.uint64) * np.uint64(AUX_DTYPE.itemsize)
+    rows[:, 1] = AUX_DTYPE.itemsize
+    rows[:, 2] = 0
+    return rows
+
+
+@dataclasses.dataclass
+class _Peer:
+    name: str
+    agent_md: bytes
+    spec: PoolSpec
+    aux_slots: int
+    pool_list: Any  # prepared remote list of the peer's pages (and aux slots when combined)
+    aux_list: Any  # the same handle when combined, else a DRAM list of the aux slots
+    aux_base: int  # index of aux slot 0 in aux_list
+
+
+@dataclasses.dataclass(eq=False)
+class _Stage:
+    local: Any
+    local_idx: np.ndarray
+    remote: Any
+    remote_idx: np.ndarray
+    notif: bytes
+    handle: Any = None
+
+
+@dataclasses.dataclass(eq=False)
+class NixlXfer:
+    """Handle returned by ``NixlBackend.write``: stages posted one after the other."""
+
+    peer: str
+    stages: list[_Stage]
+    cur: int = 0
+    state: XferStatus = XferStatus.PROC
+    error: Optional[str] = None
+
+
+class NixlBackend(TransferBackend):
+    name = "nixl"
+
+    def __init__(self, agent_name: str, spec: PoolSpec, aux: AuxBuffer, backends=("UCX",), *,
+                 split_aux: Optional[bool] = None):
+        """``split_aux``: post pages and aux as two requests even when one would do (both
+        pools in DRAM); None = only when needed. Exists so CPU tests cover the VRAM path."""
+        api = _nixl_api()
+        if spec.mem_type not in ("DRAM", "VRAM"):
+            raise ValueError(f"mem_type must be DRAM or VRAM, not {spec.mem_type!r}")
+        self.agent_name = agent_name
+        self.spec = spec
+        self.aux = aux
+        self._backends = list(backends)
+        self._force_split = bool(split_aux)
+        self._agent = api.nixl_agent(agent_name, api.nixl_agent_config(backends=self._backends))
+        missing = [b for b in self._backends if b not in self._agent.backends]
+        if missing:
+            raise TransferError(f"NIXL backend(s) {missing} could not be created "
+                                f"(plugins available: {self._agent.get_plugin_list()})")
+        self._peers: dict[str, _Peer] = {}
+        self._regs: list[Any] = []
+        self._lists: list[Any] = []
+        self._closed = False
+
+        L, P, pb = spec.num_layers, spec.num_pages, spec.page_bytes
+        self._aux_slots = len(aux.records)
+        pool_len = L * P * pb
+        try:
+            self._regs.append(self._agent.register_memory(
+                [(int(a), pool_len, spec.device_id, "") for a in spec.addresses], spec.mem_type, self._backends))
+            self._regs.append(self._agent.register_memory(
+                [(aux.address, aux.nbytes, 0, "")], "DRAM", self._backends))
+            pages = _descs(spec.addresses, L, P, pb, spec.device_id)
+            auxd = _aux_descs(aux.address, self._aux_slots)
+            if spec.mem_type == "DRAM":
+                self._lpool = self._prep(_LOCAL, np.concatenate([pages, auxd]), "DRAM")
+                self._laux, self._laux_base = self._lpool, len(pages)
+            else:
+                self._lpool = self._prep(_LOCAL, pages, spec.mem_type)
+                self._laux, self._laux_base = self._prep(_LOCAL, auxd, "DRAM"), 0
+        except Exception:
+            self.close()
+            raise
+
+    def _prep(self, agent: str, rows: np.ndarray, mem_type: str):
+        h = self._agent.prep_xfer_dlist(agent, rows, mem_type, self._backends)
+        self._lists.append(h)
+        return h
+
+    # ---- handshake -------------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        spec = dataclasses.asdict(self.spec)
+        spec["addresses"] = [int(a) for a in self.spec.addresses]
+        return {"backend": self.name, "agent": self.agent_name,
+                "agent_metadata": base64.b64encode(self._agent.get_agent_metadata()).decode("ascii"),
+                "spec": spec, "aux_address": int(self.aux.address), "aux_slots": self._aux_slots,
+                "aux_itemsize": AUX_DTYPE.itemsize}
+
+    def connect(self, peer: dict[str, Any]) -> str:
+        if peer.get("backend", self.name) != self.name:
+            raise LayoutMismatch(f"transfer backend mismatch: {self.name!r} here and "
+                                 f"{peer.get('backend')!r} on the peer")
+        try:
+            fields = dict(peer["spec"])
+            fields["addresses"] = tuple(int(a) for a in fields["addresses"])
+            spec = PoolSpec(**fields)
+            md = base64.b64decode(peer["agent_metadata"])
+            name = str(peer["agent"])
+            aux_address, aux_slots = int(peer["aux_address"]), int(peer["aux_slots"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise TransferError(f"malformed NIXL handshake payload: {e!r}") from e
+        self.spec.check_compatible(spec)  # before NIXL learns anything about the peer
+        if peer.get("aux_itemsize", AUX_DTYPE.itemsize) != AUX_DTYPE.itemsize:
+            raise LayoutMismatch(f"aux record size mismatch: {AUX_DTYPE.itemsize} here and "
+                                 f"{peer['aux_itemsize']} on the peer")
+        known = self._peers.get(name)
+        if known is not None:
+            if known.agent_md == md:
+                return name
+            self.disconnect(name)  # same name, new incarnation (peer restarted)
+
+        try:
+            added = self._agent.add_remote_agent(md)
+        except Exception as e:
+            raise TransferError(f"NIXL could not load the metadata of peer {name!r}: {e!r}") from e
+        added = added.decode() if isinstance(added, bytes) else str(added)
+        if added != name:
+            _quiet(self._agent.remove_remote_agent, added)
+            raise TransferError(f"peer metadata names agent {added!r}, handshake says {name!r}")
+        lists: list[Any] = []
+        try:
+            pages = _descs(spec.addresses, spec.num_layers, spec.num_pages, spec.page_bytes, spec.device_id)
+            auxd = _aux_descs(aux_address, aux_slots)
+            if spec.mem_type == "DRAM":
+                pool_list = self._agent.prep_xfer_dlist(name, np.concatenate([pages, auxd]), "DRAM",
+                                                        self._backends)
+                lists.append(pool_list)
+                aux_list, aux_base = pool_list, len(pages)
+            else:
+                pool_list = self._agent.prep_xfer_dlist(name, pages, spec.mem_type, self._backends)
+                lists.append(pool_list)
+                aux_list = self._agent.prep_xfer_dlist(name, auxd, "DRAM", self._backends)
+                lists.append(aux_list)
+                aux_base = 0
+        except Exception as e:
+            for h in lists:
+                _quiet(h.release)
+            _quiet(self._agent.remove_remote_agent, name)
+            raise TransferError(f"cannot prepare descriptors of peer {name!r}: {e!r}") from e
+        self._peers[name] = _Peer(name, md, spec, aux_slots, pool_list, aux_list, aux_base)
+        return name
+
+    # ---- initiator -------------------------------------------------------------------------
+
+    def _page_indices(self, peer: _Peer, src_pages, dst_pages) -> tuple[np.ndarray, np.ndarray]:
+        src = np.asarray(src_pages, np.int64).reshape(-1)
+        dst = np.asarray(dst_pages, np.int64).reshape(-1)
+        if src.size != dst.size:
+            raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
+        if src.size and (src.min() < 0 or src.max() >= self.spec.num_pages):
+            raise ValueError(f"source page out of range [0, {self.spec.num_pages}): {src.tolist()}")
+        if dst.size and (dst.min() < 0 or dst.max() >= peer.spec.num_pages):
+            raise ValueError(f"destination page out of range [0, {peer.spec.num_pages}): {dst.tolist()}")
+        rows = np.arange(len(self.spec.addresses) * self.spec.num_layers, dtype=np.int64)[:, None]
+        local = (rows * self.spec.num_pages + src[None, :]).reshape(-1)
+        remote = (rows * peer.spec.num_pages + dst[None, :]).reshape(-1)
+        return local.astype(np.int32), remote.astype(np.int32)
+
+    def write(self, peer: str, src_pages: list[int], dst_pages: list[int],
+              aux: Optional[tuple[int, int]], notif: bytes) -> NixlXfer:
+        p = self._peers.get(peer)
+        if p is None:
+            raise TransferError(f"unknown peer {peer!r} (connect first)")
+        notif = notif.encode() if isinstance(notif, str) else bytes(notif)
+        lpage, rpage = self._page_indices(p, src_pages, dst_pages)
+        stages: list[_Stage] = []
+        if aux is not None:
+            s, d = int(aux[0]), int(aux[1])
+            if not (0 <= s < self._aux_slots and 0 <= d < p.aux_slots):
+                raise ValueError(f"aux slots {aux} out of range "
+                                 f"({self._aux_slots} here, {p.aux_slots} on the peer)")
+            la = np.array([self._laux_base + s], np.int32)
+            ra = np.array([p.aux_base + d], np.int32)
+            one = self._laux is self._lpool and p.aux_list is p.pool_list and not self._force_split
+            if one:
+                stages.append(_Stage(self._lpool, np.concatenate([lpage, la]), p.pool_list,
+                                     np.concatenate([rpage, ra]), notif))
+            else:
+                if lpage.size:
+                    stages.append(_Stage(self._lpool, lpage, p.pool_list, rpage, b""))
+                stages.append(_Stage(self._laux, la, p.aux_list, ra, notif))
+        elif lpage.size:
+            stages.append(_Stage(self._lpool, lpage, p.pool_list, rpage, notif))
+
+        x = NixlXfer(peer, stages)
+        if not stages:  # nothing to move: the notification goes alone
+            try:
+                self._agent.send_notif(peer, notif)
+            except Exception as e:
+                raise TransferError(f"notification to {peer!r} failed: {e!r}") from e
+            x.state = XferStatus.DONE
+            return x
+        try:
+            self._post(x)
+        except Exception as e:
+            self.release(x)
+            raise TransferError(f"write to {peer!r} could not start: {e!r}") from e
+        if x.state is XferStatus.ERR:
+            self.release(x)
+            raise TransferError(f"write to {peer!r} could not start: {x.error}")
+        return x
+
+    def _post(self, x: NixlXfer) -> None:
+        """Create and post stage ``x.cur``; advance through stages that complete at once."""
+        while True:
+            st = x.stages[x.cur]
+            st.handle = self._agent.make_prepped_xfer("WRITE", st.local, st.local_idx, st.remote, st.remote_idx,
+                                                      st.notif, self._backends)
+            state = self._agent.transfer(st.handle)
+            if state == "ERR":
+                x.state, x.error = XferStatus.ERR, "transfer() returned ERR"
+                return
+            if state == "PROC" or not self._advance(x):
+                return
+
+    def _advance(self, x: NixlXfer) -> bool:
+        """The current stage is DONE: True if another stage is to be posted."""
+        x.cur += 1
+        if x.cur == len(x.stages):
+            x.state = XferStatus.DONE
+            return False
+        return True
+
+    def status(self, handle: NixlXfer) -> XferStatus:
+        if handle.state is not XferStatus.PROC:
+            return handle.state
+        try:
+            st = handle.stages[handle.cur]
+            state = self._agent.check_xfer_state(st.handle)
+            if state == "ERR":
+                handle.state, handle.error = XferStatus.ERR, "check_xfer_state returned ERR"
+            elif state == "DONE" and self._advance(handle):
+                self._post(handle)
+        except Exception as e:  # NIXL raises on e.g. remote disconnect
+            handle.state, handle.error = XferStatus.ERR, repr(e)
+            log.warning("NIXL transfer to %s failed: %r", handle.peer, e)
+        return handle.state
+
+    def release(self, handle: NixlXfer) -> None:
+        for st in handle.stages:
+            if st.handle is not None:
+                _quiet(st.handle.release)
+                st.handle = None
+
+    # ---- target ----------------------------------------------------------------------------
+
+    def notifications(self) -> list[bytes]:
+        out: list[bytes] = []
+        for msgs in self._agent.get_new_notifs().values():
+            out.extend(bytes(m) for m in msgs)
+        return out
+
+    # ---- teardown --------------------------------------------------------------------------
+
+    def disconnect(self, peer: str) -> None:
+        p = self._peers.pop(peer, None)
+        if p is None:
+            return
+        _quiet(p.pool_list.release)
+        if p.aux_list is not p.pool_list:
+            _quiet(p.aux_list.release)
+        _quiet(self._agent.remove_remote_agent, peer)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for name in list(self._peers):
+            self.disconnect(name)
+        for h in self._lists:
+            _quiet(h.release)
+        self._lists.clear()
+        for r in self._regs:
+            _quiet(self._agent.deregister_memory, r, self._backends)
+        self._regs.clear()
+        self._agent = None  # drops the C++ agent (and its UCX worker)
+
+    @property
+    def peers(self) -> list[str]:
+        return list(self._peers)
+
+
+def _quiet(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as e:
+        log.debug("NIXL cleanup call %s failed: %r", getattr(fn, "__name__", fn), e)
