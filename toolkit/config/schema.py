@@ -95,6 +95,13 @@ class TransferConfig:
 
 
 @dataclasses.dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "warning"
+
+
+@dataclasses.dataclass
 class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     prompt_len: int = 128
@@ -114,6 +121,7 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     prompt: str = "What is the capital of France?"
     system: Optional[str] = None
     chat: bool = True
@@ -136,3 +144,4 @@ def register() -> None:
     cs.store(group="cache", name="cache_schema", node=CacheConfig)
     cs.store(group="transfer", name="transfer_schema", node=TransferConfig)
     cs.store(group="bench", name="bench_schema", node=BenchConfig)
+    cs.store(group="server", name="server_schema", node=ServerConfig)

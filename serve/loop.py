@@ -1,0 +1,73 @@
+"""The engine-side loop of a server: one thread owns the worker and calls ``tick()``.
+
+HTTP handlers never touch the engine: they hand closures to the loop thread
+(``call``) and receive events through asyncio queues (``emit``), so the engine,
+the scheduler and the transfer backend stay single-threaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    def __init__(self, worker, idle_sleep_s: float = 0.001):
+        self.worker = worker
+        self._calls: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._idle_sleep = idle_sleep_s
+        self.thread = threading.Thread(target=self._run, name=f"{worker.role}-loop", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=10)
+
+    def call(self, fn: Callable[[], Any]) -> "asyncio.Future":
+        """Run fn on the loop thread; the returned future resolves with its result or error."""
+        aloop = asyncio.get_running_loop()
+        fut = aloop.create_future()
+        self._calls.put((fn, aloop, fut))
+        return fut
+
+    @staticmethod
+    def emit(aloop: asyncio.AbstractEventLoop, q: asyncio.Queue, item: Any) -> None:
+        aloop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            while True:
+                try:
+                    fn, aloop, fut = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    res = fn()
+                    aloop.call_soon_threadsafe(_resolve, fut, res, None)
+                except Exception as e:  # the caller gets the error; the loop goes on
+                    aloop.call_soon_threadsafe(_resolve, fut, None, e)
+            try:
+                self.worker.tick()
+                self.worker.forget_done()
+            except Exception:
+                log.exception("worker tick failed")
+            if self.worker.idle():
+                time.sleep(self._idle_sleep)
+
+
+def _resolve(fut: asyncio.Future, res, err) -> None:
+    if fut.done():
+        return
+    if err is not None:
+        fut.set_exception(err)
+    else:
+        fut.set_result(res)

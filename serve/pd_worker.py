@@ -1,0 +1,123 @@
+"""HTTP front of a P/D worker (role=prefill or role=decode).
+
+    POST /pd/prefill  {room, prompt_ids, params, decode_address}   -> 200 accepted | 4xx
+    POST /pd/decode   {room, prompt_ids, params, prefill_address}  -> NDJSON stream of
+                      {"token", "text", "logprob"} lines, then {"finish_reason"} or {"error"}
+    GET  /pd/info     role and control address (what the router hands the other side)
+    GET  /pd/stats    pages, aux slots, rooms, transfer counters
+    GET  /health
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from serve.loop import EngineLoop
+from toolkit.disagg.protocol import RoomState
+from toolkit.engine.request import SamplingParams
+
+
+class PDRequest(BaseModel):
+    room: int = Field(ge=0, lt=2**63)
+    prompt_ids: list[int] = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    decode_address: str = ""
+    prefill_address: str = ""
+
+
+def _params(d: dict[str, Any]) -> SamplingParams:
+    try:
+        p = SamplingParams(**d)
+        p.validate()
+        return p
+    except (TypeError, ValueError) as e:
+        raise HTTPException(400, f"params: {e}")
+
+
+def _status_for(e: Exception) -> int:
+    return 409 if "already in use" in str(e) else 400
+
+
+def create_app(worker) -> FastAPI:
+    loop = EngineLoop(worker)
+    app = FastAPI(title=f"jax-pd-toolkit {worker.role} worker")
+    app.state.loop = loop
+
+    @app.on_event("startup")
+    async def _start():
+        loop.start()
+
+    @app.on_event("shutdown")
+    async def _stop():
+        loop.stop()
+        worker.close()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "role": worker.role}
+
+    @app.get("/pd/info")
+    async def info():
+        return {"role": worker.role, "control_address": worker.control.address}
+
+    @app.get("/pd/stats")
+    async def stats():
+        def read():
+            a = worker.engine.allocator
+            return {"pages_used": a.num_used, "pages_usable": a.num_usable, "aux_free": worker.aux.num_free,
+                    "aux_slots": worker.tcfg.max_rooms, "rooms_active": len(worker.active_rooms()),
+                    "idle": worker.idle(), **worker.stats}
+        return await loop.call(read)
+
+    if worker.role == "prefill":
+        @app.post("/pd/prefill")
+        async def prefill(req: PDRequest):
+            params = _params(req.params)
+            try:
+                await loop.call(lambda: worker.submit(req.room, req.prompt_ids, params, req.decode_address))
+            except ValueError as e:
+                raise HTTPException(_status_for(e), str(e))
+            return {"room": req.room, "accepted": True}
+
+    if worker.role == "decode":
+        @app.post("/pd/decode")
+        async def decode(req: PDRequest, request: Request):
+            params = _params(req.params)
+            aloop, q = asyncio.get_running_loop(), asyncio.Queue()
+
+            def on_token(seq, tok, delta):
+                lp = seq.output_logprobs[-1] if seq.output_logprobs else None
+                loop.emit(aloop, q, {"token": tok, "text": delta, "logprob": lp})
+
+            def on_done(room):
+                if room.state is RoomState.FAILED:
+                    loop.emit(aloop, q, {"error": room.error})
+                else:
+                    loop.emit(aloop, q, {"finish_reason": room.seq.finish_reason})
+
+            try:
+                await loop.call(lambda: worker.submit(req.room, req.prompt_ids, params, req.prefill_address,
+                                                      on_token=on_token, on_done=on_done))
+            except ValueError as e:
+                raise HTTPException(_status_for(e), str(e))
+
+            async def events():
+                try:
+                    while True:
+                        item = await q.get()
+                        yield json.dumps(item) + "\n"
+                        if "error" in item or "finish_reason" in item:
+                            return
+                finally:  # client went away (or we are done): stop the room if it still runs
+                    loop._calls.put((lambda: worker.abort(req.room, "client disconnected"),
+                                     aloop, aloop.create_future()))
+
+            return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    return app
