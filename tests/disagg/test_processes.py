@@ -64,7 +64,7 @@ def test_fault_injection_across_processes(tiny_ckpt, workers):
 def test_killing_prefill_fails_its_rooms_then_decode_serves_another_prefill(tiny_ckpt, workers):
     """Guards against decode hanging on (or leaking the pages of) rooms whose prefill died
     mid-transfer, and against a dead peer poisoning the decode worker for later requests."""
-    wait_s = 3.0
+    wait_s = 15.0  # covers a fresh prefill connecting and compiling its first steps
     # a slow prefill: tiny chunks, so a long prompt takes many steps and many transfers
     pre = workers("prefill", ["engine.chunk_size=4", "engine.max_prefill_seqs=1"])
     dec = workers("decode", [f"transfer.wait_timeout_s={wait_s}", "transfer.quarantine_s=1"])
@@ -92,5 +92,5 @@ def test_killing_prefill_fails_its_rooms_then_decode_serves_another_prefill(tiny
     prompts, params = edge_prompts(4, seed=14), edge_params(4)
     ref = unified_reference(tiny_ckpt, prompts, params)
     got = run_concurrently(pre2, dec, prompts, [as_dict(p) for p in params], room_base=7000)
-    assert [g.get("tokens") for g in got] == ref
+    assert [g.get("tokens") for g in got] == ref, got
     pre2.wait_idle(), dec.wait_idle()

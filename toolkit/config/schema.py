@@ -78,7 +78,8 @@ class TransferConfig:
     # Decode waits this long for prefill to take a room (pages, handshake, metadata);
     # prefill waits this long for decode's room metadata.
     bootstrap_timeout_s: float = 30.0
-    # Once a room's metadata is sent, its KV must arrive within this time.
+    # Once a room's metadata is sent, each chunk of its KV must arrive within this time
+    # of the previous one (or of the metadata).
     wait_timeout_s: float = 60.0
     # After decode gives up on a room, its pages stay out of use until prefill confirms
     # that nothing is in flight, or this long if prefill never answers (dead).

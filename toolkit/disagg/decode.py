@@ -139,6 +139,9 @@ class DecodeWorker(WorkerBase):
         if r is None or r.state.done:
             return  # late notification of a room that already ended
         r.notifs_seen += 1
+        # progress resets the clock: a long prompt may take longer than wait_timeout_s in
+        # total, as long as its chunks keep arriving
+        r.deadline = time.perf_counter() + self.tcfg.wait_timeout_s
         if kind == "last":
             r.expected = n
         if r.state is RoomState.WAITING_FOR_INPUT:
