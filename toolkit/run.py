@@ -36,7 +36,40 @@ def build_engine(cfg):
     return Engine.from_config(cfg.model, cfg.engine)
 
 
+def pd_job(cfg) -> None:
+    """The same job served disaggregated: a prefill engine writes the prompt's KV into a
+    decode engine's pages (both in this process), the decode engine generates."""
+    from toolkit.disagg.pair import PDPair, _over
+    from toolkit.engine.engine import resolve_dtype
+    from toolkit.models.loader import load_checkpoint
+
+    validate(cfg)
+    pair = PDPair(load_checkpoint(cfg.model), cfg.engine, cfg.transfer, resolve_dtype(cfg.model.dtype))
+    eng = pair.decode.engine
+    prompt = eng.chat_prompt(cfg.prompt, cfg.system) if cfg.chat else cfg.prompt
+    t0 = time.perf_counter()
+    r = pair.submit(eng.tokenizer.encode(prompt), sampling_from(cfg),
+                    on_token=lambda s, t, d: (sys.stdout.write(d), sys.stdout.flush()))
+    while not _over(r):
+        pair.step()
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if r.error:
+        print(f"request failed: {r.error}", file=sys.stderr)
+        sys.exit(1)
+    pr = pair.prefill.rooms[r.room]
+    xfer_ms = sum(max(done - posted, 0.0) for posted, done, _ in pr.transfers) * 1e3
+    print(f"[stats] disagg transfer={cfg.transfer.backend} prompt_tokens={len(r.prompt_ids)} "
+          f"generated_tokens={len(r.seq.output_ids)} transfers={len(pr.transfers)} "
+          f"kv_bytes={pair.prefill.stats['transfer_bytes']} transfer_ms={xfer_ms:.1f} total={dt:.2f}s "
+          f"states={' > '.join(s for _, s in pr.history)} finish={r.seq.finish_reason}", file=sys.stderr)
+    pair.close()
+
+
 def main_job(cfg) -> None:
+    if cfg.disagg:
+        return pd_job(cfg)
     engine = build_engine(cfg)
     prompt = engine.chat_prompt(cfg.prompt, cfg.system) if cfg.chat else cfg.prompt
     params = sampling_from(cfg)

@@ -93,17 +93,60 @@ def _serve(conn, cfg):
         conn.send(("error", traceback.format_exc()))
 
 
+def initiator_pool(seed: int):
+    k, v, spec = make_pool(P_HERE)
+    rng = np.random.default_rng(seed)
+    k[:] = rng.standard_normal(k.shape)
+    v[:] = rng.standard_normal(v.shape)
+    aux = AuxBuffer(AUX_SLOTS)
+    aux.records[:] = [record(100 * seed + i) for i in range(AUX_SLOTS)]
+    return k, v, spec, aux
+
+
+def _initiate(conn, cfg):
+    """Initiator: connect to cfg["target"], run cfg["writes"] one by one (reporting each
+    status), then post cfg["spam"] writes without waiting and idle until killed."""
+    ppid, deadline = os.getppid(), time.monotonic() + PEER_MAX_LIFE_S
+    try:
+        k, v, spec, aux = initiator_pool(cfg["seed"])
+        be = NixlBackend(cfg["name"], spec, aux)
+        name = be.connect(json.loads(cfg["target"]))
+        for src, dst, slots, notif in cfg["writes"]:
+            h = be.write(name, src, dst, slots, notif)
+            conn.send(("done", drive(be, h).value))
+            be.release(h)
+        inflight = [be.write(name, list(range(P_HERE)), list(range(P_HERE)), (0, 0), b"spam")
+                    for _ in range(cfg["spam"])]
+        conn.send(("posted", len(inflight)))
+        while time.monotonic() < deadline and os.getppid() == ppid:
+            if conn.poll(0.01) and conn.recv() == "exit":
+                break
+            for h in inflight:
+                be.status(h)
+        be.close()
+    except BaseException:  # noqa: BLE001
+        conn.send(("error", traceback.format_exc()))
+
+
 class Peer:
-    def __init__(self, name="decode0", num_pages=P_THERE, head_dim=DH, page=PAGE, kv=KV, jax=False):
+    """A spawned process: a target (``_serve``, the default) or, with ``initiate=``, an
+    initiator (``_initiate``) that writes into a target living in this process."""
+
+    def __init__(self, name="decode0", num_pages=P_THERE, head_dim=DH, page=PAGE, kv=KV, jax=False,
+                 initiate=None):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        cfg = dict(name=name, num_pages=num_pages, head_dim=head_dim, page=page, kv=kv, jax=jax)
-        self.proc = ctx.Process(target=_serve, args=(child, cfg), daemon=True)
+        if initiate is None:
+            cfg = dict(name=name, num_pages=num_pages, head_dim=head_dim, page=page, kv=kv, jax=jax)
+        else:
+            cfg = dict(initiate, name=name)
+        self.proc = ctx.Process(target=_serve if initiate is None else _initiate, args=(child, cfg), daemon=True)
         self.proc.start()
         child.close()
-        msg = self.recv(STARTUP_S)
-        assert msg[0] == "md", msg
-        self.md = json.loads(msg[1])
+        if initiate is None:
+            msg = self.recv(STARTUP_S)
+            assert msg[0] == "md", msg
+            self.md = json.loads(msg[1])
 
     def recv(self, timeout):
         if not self.conn.poll(timeout):
@@ -387,3 +430,51 @@ def test_jax_cpu_array_registered_by_buffer_pointer(peers):
     np.testing.assert_array_equal(gv, want_v)
     np.testing.assert_allclose(sums, (want_k.sum(), want_v.sum()), rtol=1e-5)
     assert gaux[1] == aux.records[0]
+
+
+def test_target_survives_initiator_death_and_serves_the_next(peers):
+    """Guards against the decode side being poisoned by a prefill that died with writes in
+    flight: its ``notifications()`` must not raise or hang afterwards, and a restarted prefill
+    reusing the dead one's agent name (and then a new one) must be able to write into it."""
+    k, v, spec = make_pool(P_THERE)
+    aux = AuxBuffer(AUX_SLOTS)
+    tb = NixlBackend("decode0", spec, aux)
+    seen: list[bytes] = []
+
+    def pump_until(peer, kind, timeout=STARTUP_S):
+        end = time.monotonic() + timeout
+        while not peer.conn.poll(0.002):
+            seen.extend(tb.notifications())
+            assert time.monotonic() < end, f"no {kind!r} from the initiator in {timeout}s"
+        msg = peer.recv(0)
+        assert msg[0] == kind, msg
+        return msg
+
+    try:
+        md = json.dumps(tb.metadata())
+        first = peers(name="prefill0", initiate=dict(target=md, seed=1, spam=50,
+                                                     writes=[([1], [2], None, b"hello-1")]))
+        assert pump_until(first, "done")[1] == "DONE"
+        pump_until(first, "posted")
+        first.kill()
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            seen.extend(tb.notifications())
+        assert seen[0] == b"hello-1" and set(seen[1:]) <= {b"spam"}, seen[:5]
+
+        for name, seed in (("prefill0", 2), ("prefill1", 3)):
+            seen.clear()
+            writes = [([3, 8], [5, 11], (1, 2), b"room-%d" % seed)]
+            nxt = peers(name=name, initiate=dict(target=md, seed=seed, spam=0, writes=writes))
+            assert pump_until(nxt, "done")[1] == "DONE"
+            end = time.monotonic() + STEP_S
+            while b"room-%d" % seed not in seen:
+                assert time.monotonic() < end, f"no notification from {name}: {seen}"
+                seen.extend(tb.notifications())
+            sk, sv, _, saux = initiator_pool(seed)
+            np.testing.assert_array_equal(k[:, [5, 11]], sk[:, [3, 8]])
+            np.testing.assert_array_equal(v[:, [5, 11]], sv[:, [3, 8]])
+            assert aux.records[2] == saux.records[1]
+            nxt.stop()
+    finally:
+        tb.close()

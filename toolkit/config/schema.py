@@ -134,6 +134,9 @@ class RunConfig:
     stop: list[str] = field(default_factory=list)
     stream: bool = True
     output: str = ""  # for convert: destination directory
+    # toolkit.run only: serve the prompt with a prefill engine and a decode engine in this
+    # process, KV moved by transfer.backend (inproc, or nixl: two real NIXL agents).
+    disagg: bool = False
 
 
 def register() -> None:

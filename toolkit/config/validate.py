@@ -70,12 +70,15 @@ def validate(cfg) -> None:
     _one_of("role.name", cfg.role.name, ROLES)
     _one_of("cache.policy", cfg.cache.policy, CACHE_POLICIES)
     _one_of("transfer.backend", cfg.transfer.backend, TRANSFER_BACKENDS)
-    validate_pd(cfg.role, cfg.transfer)
+    validate_pd(cfg.role, cfg.transfer, getattr(cfg, "disagg", False))
 
 
-def validate_pd(role, t) -> None:
+def validate_pd(role, t, disagg: bool = False) -> None:
     """P/D roles need a transfer backend, and the unified role must not ask for one."""
-    if role.name in ("prefill", "decode"):
+    if disagg:
+        _need(role.name == "unified", f"disagg=true runs both roles in one process; drop role.name={role.name}")
+        _need(t.backend != "none", "disagg=true needs a transfer backend: set transfer to one of nixl, inproc")
+    elif role.name in ("prefill", "decode"):
         _need(t.backend != "none", f"role.name={role.name} needs a transfer backend: "
               "set transfer.backend to one of nixl, inproc")
     elif t.backend != "none":

@@ -61,10 +61,25 @@ def _nixl_api():
     errors = []
     for name in ("nixl._api", "nixl_cu12._api", "nixl_cu13._api"):
         try:
-            return __import__(name, fromlist=["nixl_agent"])
+            api = __import__(name, fromlist=["nixl_agent"])
         except ImportError as e:  # noqa: PERF203
             errors.append(f"{name}: {e}")
+            continue
+        _quiet_stdout()
+        return api
     raise ImportError("NIXL is not installed (pip install nixl-cu12): " + "; ".join(errors))
+
+
+def _quiet_stdout() -> None:
+    """NIXL's Python logger writes to stdout; scripted jobs keep stdout for their output,
+    so its records go to stderr at WARNING and above."""
+    import sys
+
+    nl = logging.getLogger("nixl")
+    for h in list(nl.handlers):
+        if getattr(h, "stream", None) is sys.stdout:
+            h.setStream(sys.stderr)
+    nl.setLevel(logging.WARNING)
 
 
 def nixl_available() -> bool:

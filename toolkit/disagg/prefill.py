@@ -134,7 +134,7 @@ class PrefillWorker(WorkerBase):
         except TransferError as e:
             self.stats["transfer_failures"] += 1
             return self._fail(r, f"transfer failed: {e}", tell_peer=True)
-        r.handles.append(h)
+        r.handles.append((h, len(r.transfers)))
         r.transfers.append((time.perf_counter(), 0.0, len(src)))
         r.num_transfers += 1
         r.pages_sent = ready
@@ -160,13 +160,15 @@ class PrefillWorker(WorkerBase):
             if not r.handles:
                 continue
             pending, failed = [], False
-            for h in r.handles:
+            for h, i in r.handles:
                 st = self.backend.status(h)
                 if st is XferStatus.PROC:
-                    pending.append(h)
+                    pending.append((h, i))
                 else:
                     self.backend.release(h)
                     failed |= st is XferStatus.ERR
+                    posted, _, n = r.transfers[i]
+                    r.transfers[i] = (posted, time.perf_counter(), n)
             r.handles = pending
             if failed:
                 self.stats["transfer_failures"] += 1

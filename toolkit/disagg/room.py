@@ -34,7 +34,7 @@ class Room:
     aux_slot: Optional[int] = None
     # prefill side
     pages_sent: int = 0  # prompt pages (from the prefix on) already posted
-    handles: list = dataclasses.field(default_factory=list)
+    handles: list = dataclasses.field(default_factory=list)  # (backend handle, index in transfers)
     num_transfers: int = 0
     last_posted: bool = False
     # decode side
@@ -42,7 +42,7 @@ class Room:
     expected: Optional[int] = None
     # (time, state) history, for tracing
     history: list[tuple[float, str]] = dataclasses.field(default_factory=list)
-    # per-transfer (posted time, num_pages) on prefill, for plots
+    # per transfer on prefill: (posted time, finished time or 0, num_pages), for tracing
     transfers: list[tuple[float, float, int]] = dataclasses.field(default_factory=list)
     on_done: Optional[Callable[["Room"], None]] = None
 
