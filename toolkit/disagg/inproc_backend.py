@@ -8,7 +8,6 @@ a write touches the peer's pool between its steps, never during one.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Optional
 
 import jax
@@ -20,7 +19,6 @@ from toolkit.disagg.transfer import AuxBuffer, TransferBackend, TransferError, X
 from toolkit.engine.buckets import bucket, pow2_buckets
 
 _REGISTRY: dict[str, "InprocBackend"] = {}
-_handles = itertools.count()
 
 
 @jax.jit
@@ -62,6 +60,7 @@ class InprocBackend(TransferBackend):
         if peer not in self._peers or dst is None:
             raise TransferError(f"peer {peer!r} is not connected")
         assert len(src_pages) == len(dst_pages)
+        written = []
         if src_pages:
             n = bucket(len(src_pages), self._page_buckets)
             pad = [0] * (n - len(src_pages))  # page 0 -> page 0: the padding page absorbs it
@@ -71,13 +70,17 @@ class InprocBackend(TransferBackend):
             for name in ("k", "v"):
                 staged = jax.device_put(_gather(getattr(self.pool, name), src_idx), dev)
                 setattr(dst.pool, name, _scatter(getattr(dst.pool, name), dst_idx, staged))
+                written.append(getattr(dst.pool, name))
         if aux is not None:
             dst.aux.records[aux[1]] = self.aux.records[aux[0]]
+        # The copy runs asynchronously (JAX dispatch); the notification is queued now but
+        # the peer drains it on its next tick, after this thread has dispatched the copy,
+        # and any read of the pool there waits for it. The handle is done when the copy is.
         dst._notifs.append(notif)
-        return next(_handles)
+        return written
 
     def status(self, handle: Any) -> XferStatus:
-        return XferStatus.DONE
+        return XferStatus.DONE if all(a.is_ready() for a in handle) else XferStatus.PROC
 
     def release(self, handle: Any) -> None:
         pass

@@ -138,6 +138,7 @@ class PrefillWorker(WorkerBase):
         r.transfers.append((time.perf_counter(), 0.0, len(src)))
         r.num_transfers += 1
         r.pages_sent = ready
+        r.src_pages += src
         r.last_posted = done
         self.stats["transfer_bytes"] += 2 * len(src) * self.engine.args.num_layers \
             * self.engine.runner.pool.layout.page_bytes

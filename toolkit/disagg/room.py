@@ -34,6 +34,7 @@ class Room:
     aux_slot: Optional[int] = None
     # prefill side
     pages_sent: int = 0  # prompt pages (from the prefix on) already posted
+    src_pages: list[int] = dataclasses.field(default_factory=list)  # prefill pages posted, in order
     handles: list = dataclasses.field(default_factory=list)  # (backend handle, index in transfers)
     num_transfers: int = 0
     last_posted: bool = False
