@@ -13,5 +13,5 @@ def setup(level: str | None = None) -> None:
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(h)
     root.setLevel(level)
-    for noisy in ("jax", "absl", "orbax", "httpx"):
+    for noisy in ("jax", "absl", "orbax", "httpx", "httpcore", "asyncio", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -29,7 +29,7 @@ class Worker:
     def __init__(self, role: str, overrides: list[str] = (), startup_s: float = 120):
         self.role, self.port = role, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TOOLKIT_LOG="WARNING")
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TOOLKIT_LOG=os.environ.get("PD_TEST_LOG", "WARNING"))
         self.log = open(os.path.join("/tmp", f"pd-{role}-{self.port}.log"), "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serve", f"role={role}", "transfer=nixl", f"server.port={self.port}",

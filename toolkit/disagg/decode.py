@@ -101,6 +101,7 @@ class DecodeWorker(WorkerBase):
             r.pages, r.aux_slot = alloc.allocate(need), self.aux.allocate()
             r.meta = RoomMeta(r.room, list(r.pages), r.aux_slot, [], 0)
             self.control.send(r.peer_addr, r.meta.to_msg())
+            log.debug("room %d: sent metadata (%d pages, aux slot %d)", r.room, need, r.aux_slot)
             r.set(RoomState.WAITING_FOR_INPUT, time.perf_counter() + self.tcfg.wait_timeout_s)
 
     def _handshake(self, peer: str) -> None:
@@ -139,6 +140,7 @@ class DecodeWorker(WorkerBase):
         if r is None or r.state.done:
             return  # late notification of a room that already ended
         r.notifs_seen += 1
+        log.debug("room %d: notification %s %d (%d seen)", room, kind, n, r.notifs_seen)
         # progress resets the clock: a long prompt may take longer than wait_timeout_s in
         # total, as long as its chunks keep arriving
         r.deadline = time.perf_counter() + self.tcfg.wait_timeout_s

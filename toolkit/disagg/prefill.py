@@ -109,6 +109,8 @@ class PrefillWorker(WorkerBase):
         except ValueError as e:
             return self._fail(r, str(e), True)
         r.meta, r.aux_slot, r.pages_sent = meta, self.aux.allocate(), prefix_pages
+        log.debug("room %d: started, %d prompt tokens -> %d decode pages", r.room, len(r.prompt_ids),
+                  len(meta.dst_pages))
         r.set(RoomState.WAITING_FOR_INPUT, time.perf_counter() + self.tcfg.wait_timeout_s)
 
     # ---- transfers ----------------------------------------------------------------------
@@ -134,6 +136,8 @@ class PrefillWorker(WorkerBase):
         except TransferError as e:
             self.stats["transfer_failures"] += 1
             return self._fail(r, f"transfer failed: {e}", tell_peer=True)
+        log.debug("room %d: posted transfer %d (%d pages%s)", r.room, r.num_transfers, len(src),
+                  ", last + aux" if done else "")
         r.handles.append((h, len(r.transfers)))
         r.transfers.append((time.perf_counter(), 0.0, len(src)))
         r.num_transfers += 1
