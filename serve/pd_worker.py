@@ -72,7 +72,8 @@ def create_app(worker) -> FastAPI:
             a = worker.engine.allocator
             return {"pages_used": a.num_used, "pages_usable": a.num_usable, "aux_free": worker.aux.num_free,
                     "aux_slots": worker.tcfg.max_rooms, "rooms_active": len(worker.active_rooms()),
-                    "idle": worker.idle(), **worker.stats}
+                    "idle": worker.idle(), "mem_type": getattr(getattr(worker.backend, "spec", None),
+                                                                  "mem_type", "?"), **worker.stats}
         return await loop.call(read)
 
     if worker.role == "prefill":

@@ -26,10 +26,11 @@ def free_port() -> int:
 
 
 class Worker:
-    def __init__(self, role: str, overrides: list[str] = (), startup_s: float = 120):
+    def __init__(self, role: str, overrides: list[str] = (), startup_s: float = 120, env: dict | None = None):
         self.role, self.port = role, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TOOLKIT_LOG=os.environ.get("PD_TEST_LOG", "WARNING"))
+        env = {**dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+                      TOOLKIT_LOG=os.environ.get("PD_TEST_LOG", "WARNING")), **(env or {})}
         self.log = open(os.path.join("/tmp", f"pd-{role}-{self.port}.log"), "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serve", f"role={role}", "transfer=nixl", f"server.port={self.port}",
