@@ -482,3 +482,23 @@ def test_target_survives_initiator_death_and_serves_the_next(peers):
             nxt.stop()
     finally:
         tb.close()
+
+
+def test_idle_agent_does_not_spin_a_core():
+    """Guards against NIXL's progress thread busy-spinning (its Python API hard-codes a 0 us
+    pause): one idle agent then eats a whole core, and a prefill+decode pair in one process
+    starves the engines on a 2-core machine. The backend's agent must idle near 0% CPU."""
+    from toolkit.disagg.nixl_backend import _nixl_api
+
+    api = _nixl_api()
+    original = api.nixlBind.nixlAgentConfig
+    k, v, spec = make_pool(P_HERE)
+    be = NixlBackend("idle0", spec, AuxBuffer(AUX_SLOTS))
+    try:
+        assert api.nixlBind.nixlAgentConfig is original  # the temporary swap was undone
+        t = os.times()
+        time.sleep(1.0)
+        used = sum(os.times()[:2]) - sum(t[:2])
+    finally:
+        be.close()
+    assert used < 0.3, f"{used:.2f} s of CPU in 1 s of idling"

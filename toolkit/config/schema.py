@@ -55,6 +55,8 @@ class EngineConfig:
     # Smallest bucket for token counts and batch sizes.
     min_bucket: int = 8
     attention_backend: str = "reference"  # reference | auto
+    # Who allocates the KV pool on a GPU: auto | xla | cuda_malloc (see toolkit/cache/pool.py)
+    kv_alloc: str = "auto"
     # After a prefill step, run a decode step before the next prefill when both
     # are pending, so running requests keep streaming while prompts arrive.
     interleave_decode: bool = True

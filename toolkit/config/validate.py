@@ -61,6 +61,7 @@ def validate_engine(e) -> None:
               f"engine.chunk_size={e.chunk_size} is larger than the pool: engine.num_pages={e.num_pages} "
               f"x engine.page_size={ps} holds {capacity} tokens (page 0 is reserved)")
     _one_of("engine.attention_backend", e.attention_backend, ATTENTION_CHOICES)
+    _one_of("engine.kv_alloc", e.kv_alloc, ("auto", "xla", "cuda_malloc"))
 
 
 def validate(cfg) -> None:

@@ -34,11 +34,18 @@ def pool_pages(ecfg: EngineConfig, page_bytes_all_layers: int) -> int:
     """engine.num_pages, or the pages that fit in memory_fraction of free device memory."""
     if ecfg.memory_fraction == 0:
         return ecfg.num_pages
-    stats = jax.devices()[0].memory_stats()
+    from toolkit.cache.pool import resolve_alloc
+
+    dev = jax.devices()[0]
+    stats = dev.memory_stats()
     if not stats or "bytes_limit" not in stats:
         raise V.ConfigError("engine.memory_fraction needs a device that reports memory "
                             "(a GPU); on CPU set engine.num_pages")
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    if resolve_alloc(ecfg.kv_alloc, dev) == "cuda_malloc":  # outside XLA's pool: ask the driver
+        import torch
+
+        free = min(free, torch.cuda.mem_get_info()[0])
     return max(2, int(free * ecfg.memory_fraction) // page_bytes_all_layers)
 
 

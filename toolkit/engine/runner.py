@@ -46,7 +46,7 @@ class ModelRunner:
         self.args = args
         self.page_size = ecfg.page_size
         self.graphdef, self.state = nnx.split(Llama(args, weights, dtype))
-        self.pool = KVPool(PoolLayout.for_model(args, num_pages, ecfg.page_size, dtype))
+        self.pool = KVPool(PoolLayout.for_model(args, num_pages, ecfg.page_size, dtype), alloc=ecfg.kv_alloc)
         self._pool_ptrs = self.pool.buffer_pointers()
         max_pages = math.ceil(max_model_len / ecfg.page_size)
         self.token_buckets = pow2_buckets(ecfg.min_bucket, ecfg.chunk_size)
