@@ -80,7 +80,9 @@ class InprocBackend(TransferBackend):
         return written
 
     def status(self, handle: Any) -> XferStatus:
-        return XferStatus.DONE if all(a.is_ready() for a in handle) else XferStatus.PROC
+        # a pool array already donated to the peer's next step was consumed after the copy
+        done = all(a.is_deleted() or a.is_ready() for a in handle)
+        return XferStatus.DONE if done else XferStatus.PROC
 
     def release(self, handle: Any) -> None:
         pass
