@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from toolkit.models.checkpoint import Checkpoint
-from toolkit.models.spec import ModelArgs, check_weights
+from toolkit.models.spec import ModelArgs, check_weights, missing_layers, put_weight
 from toolkit.models.tokenizer import Tokenizer
 
 # arch -> whether llama.cpp's converter permuted Q/K rows for its interleaved
@@ -153,15 +153,8 @@ def load_gguf(path, dtype=np.float32, progress: bool = True) -> Checkpoint:
         w = _dequantize(t).reshape(shapes[name])
         if SUPPORTED_ARCHS[arch] and key in ("wq", "bq", "wk", "bk"):
             w = reverse_permute(w, args.num_heads if key in ("wq", "bq") else args.num_kv_heads)
-        w = w.T if transpose else w
-        if layer is None:
-            weights[key] = np.ascontiguousarray(w, dtype=dtype)
-            continue
-        if key not in weights:
-            weights[key] = np.empty((args.num_layers, *w.shape), dtype=dtype)
-        weights[key][layer] = w
-        filled[key] = filled.get(key, 0) + 1
-    if short := [k for k, n in filled.items() if n != args.num_layers]:
+        put_weight(weights, filled, args.num_layers, key, layer, w.T if transpose else w, dtype)
+    if short := missing_layers(filled, args.num_layers):
         raise ValueError(f"GGUF file lacks some of the {args.num_layers} layers' tensors for {short}")
     check_weights(args, weights)
     return Checkpoint(args=args, weights=weights, tokenizer=Tokenizer.from_gguf(reader))

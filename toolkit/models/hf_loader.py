@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from toolkit.models.checkpoint import Checkpoint
-from toolkit.models.spec import ModelArgs, check_weights
+from toolkit.models.spec import ModelArgs, check_weights, missing_layers, put_weight
 from toolkit.models.tokenizer import Tokenizer
 
 # Same block structure and math as Llama (RMSNorm, SwiGLU, rotate_half RoPE).
@@ -129,15 +129,8 @@ def load_hf_dir(path: str | Path, dtype=np.float32, progress: bool = True) -> Ch
         if (place := _place(name, args)) is None:
             continue
         key, layer, transpose = place
-        w = t.T if transpose else t
-        if layer is None:
-            weights[key] = np.ascontiguousarray(w, dtype=dtype)
-            continue
-        if key not in weights:
-            weights[key] = np.empty((args.num_layers, *w.shape), dtype=dtype)
-        weights[key][layer] = w
-        filled[key] = filled.get(key, 0) + 1
-    if short := [k for k, n in filled.items() if n != args.num_layers]:
+        put_weight(weights, filled, args.num_layers, key, layer, t.T if transpose else t, dtype)
+    if short := missing_layers(filled, args.num_layers):
         raise ValueError(f"{d}: some of the {args.num_layers} layers lack tensors for {short}")
     if cfg.get("attention_bias") and not {"bq", "bk", "bv"} <= weights.keys():
         raise ValueError(f"{d}: config says attention_bias but q/k/v biases are missing")

@@ -83,3 +83,21 @@ def check_weights(args: ModelArgs, weights: dict[str, np.ndarray]) -> None:
             raise ValueError(f"checkpoint lacks weight {name!r}")
         if tuple(weights[name].shape) != shape:
             raise ValueError(f"weight {name!r} has shape {tuple(weights[name].shape)}, expected {shape}")
+
+
+def put_weight(weights: dict[str, np.ndarray], filled: dict[str, int], num_layers: int, key: str,
+               layer: int | None, w: np.ndarray, dtype) -> None:
+    """Store one loaded tensor: whole when ``layer`` is None, else as row ``layer`` of the
+    stacked ``[L, ...]`` array (counted in ``filled`` so missing layers can be reported)."""
+    if layer is None:
+        weights[key] = np.ascontiguousarray(w, dtype=dtype)
+        return
+    if key not in weights:
+        weights[key] = np.empty((num_layers, *w.shape), dtype=dtype)
+    weights[key][layer] = w
+    filled[key] = filled.get(key, 0) + 1
+
+
+def missing_layers(filled: dict[str, int], num_layers: int) -> list[str]:
+    """Stacked weights that did not get a tensor for every layer."""
+    return [k for k, n in filled.items() if n != num_layers]
