@@ -33,18 +33,23 @@ def main(cfg: DictConfig) -> None:
     logs.setup()
     cfg = OmegaConf.to_object(cfg)
     try:
-        if cfg.role.name not in ("prefill", "decode"):
-            raise ConfigError(f"role.name={cfg.role.name}: this server runs role=prefill or role=decode "
-                              "(the unified OpenAI server and the router come with the serving issue)")
-        worker = build_pd_worker(cfg)
+        if cfg.role.name == "unified":
+            from serve.unified import create_unified_app
+            from toolkit.run import build_engine
+
+            app = create_unified_app(build_engine(cfg), cfg.model.name, cfg.server.max_queue)
+            where = "OpenAI API at /v1"
+        else:
+            from serve.pd_worker import create_app
+
+            worker = build_pd_worker(cfg)
+            app, where = create_app(worker), f"control={worker.control.address}"
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    from serve.pd_worker import create_app
-
-    print(f"{cfg.role.name} worker: http://{cfg.server.host}:{cfg.server.port} "
-          f"control={worker.control.address}", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(worker), host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level)
+    print(f"{cfg.role.name} worker: http://{cfg.server.host}:{cfg.server.port} {where}", file=sys.stderr,
+          flush=True)
+    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "warning"
+    # Requests admitted at once (queued + running); beyond it: 503 with Retry-After.
+    max_queue: int = 256
 
 
 @dataclasses.dataclass

@@ -1,0 +1,25 @@
+"""Prometheus metrics of a server (one registry per app, so tests can run several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("requests_total", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.queue = Gauge("queue_length", "requests admitted but not yet producing tokens", registry=r)
+        self.running = Gauge("running_requests", "requests producing tokens", registry=r)
+        self.pages = Gauge("kv_pages_in_use", "KV pages allocated", registry=r)
+        self.ttft = Histogram("time_to_first_token_seconds", "TTFT", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("inter_token_latency_seconds", "time between streamed tokens",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.transfer_bytes = Gauge("kv_transfer_bytes", "KV bytes written to decode workers", registry=r)
+        self.transfer_failures = Gauge("kv_transfer_failures", "failed KV transfers", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

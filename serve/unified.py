@@ -1,0 +1,99 @@
+"""The unified worker behind the OpenAI API: one engine, stepped by the loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+
+from serve.loop import EngineLoop
+from serve.openai_app import Overloaded
+from toolkit.engine.engine import Engine
+from toolkit.engine.request import SamplingParams
+
+
+class UnifiedWorker:
+    role = "unified"
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.emitters: dict = {}  # request id -> emit(event)
+
+    def tick(self) -> None:
+        if self.engine.has_unfinished():
+            for seq in self.engine.step():
+                if seq.is_finished:
+                    self.end(seq)
+
+    def end(self, seq) -> None:
+        emit = self.emitters.pop(seq.request_id, None)
+        self.engine.seqs.pop(seq.request_id, None)
+        if emit is not None:
+            emit({"finish_reason": seq.finish_reason})
+
+    def idle(self) -> bool:
+        return not self.engine.has_unfinished()
+
+    def forget_done(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class UnifiedBackend:
+    def __init__(self, engine: Engine, model_name: str, max_queue: int):
+        self.engine, self.model_name, self.max_queue = engine, model_name, max_queue
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.worker = UnifiedWorker(engine)
+        self.loop = EngineLoop(self.worker)
+
+    async def start(self, ids: list[int], params: SamplingParams, rid: str) -> asyncio.Queue:
+        if len(self.worker.emitters) >= self.max_queue:
+            raise Overloaded(f"server busy: {len(self.worker.emitters)} requests in flight "
+                             f"(server.max_queue={self.max_queue}); retry later")
+        aloop, q = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(ev):
+            EngineLoop.emit(aloop, q, ev)
+
+        def on_token(seq, tok, delta):
+            emit({"token": tok, "text": delta, "logprob": seq.output_logprobs[-1]})
+
+        def submit():
+            self.engine.add_request(ids, params, request_id=rid, on_token=on_token)
+            self.worker.emitters[rid] = emit
+
+        await self.loop.call(submit)
+        return q
+
+    async def abort(self, rid: str) -> None:
+        def stop():
+            seq = self.engine.seqs.get(rid)
+            if seq is not None and not seq.is_finished:
+                self.engine.abort(rid)
+                self.worker.end(seq)
+        await self.loop.call(stop)
+
+    def load(self) -> dict[str, int]:
+        s = self.engine.scheduler
+        return {"waiting": len(s.waiting), "running": len(s.running),
+                "pages_in_use": self.engine.allocator.num_used, "in_flight": len(self.worker.emitters)}
+
+
+def create_unified_app(engine: Engine, model_name: str, max_queue: int = 256):
+    from serve.openai_app import create_openai_app
+
+    backend = UnifiedBackend(engine, model_name, max_queue)
+    app = create_openai_app(backend, title=f"jax-pd-toolkit unified ({model_name})")
+    app.state.backend = backend
+
+
+    @app.on_event("startup")
+    async def _start():
+        backend.loop.start()
+
+    @app.on_event("shutdown")
+    async def _stop():
+        backend.loop.stop()
+
+    return app
