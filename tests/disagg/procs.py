@@ -33,7 +33,8 @@ class Worker:
                       TOOLKIT_LOG=os.environ.get("PD_TEST_LOG", "WARNING")), **(env or {})}
         self.log = open(os.path.join("/tmp", f"pd-{role}-{self.port}.log"), "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serve", f"role={role}", "transfer=nixl", f"server.port={self.port}",
+            [sys.executable, "-m", "serve", f"role={role}", f"transfer={'none' if role == 'unified' else 'nixl'}",
+             f"server.port={self.port}",
              *TINY_ENGINE, *overrides], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         t0 = time.time()
         while True:
@@ -45,7 +46,8 @@ class Worker:
                 pass
             assert time.time() - t0 < startup_s, f"{role} worker did not start"
             time.sleep(0.3)
-        self.control = httpx.get(self.url + "/pd/info").json()["control_address"]
+        if role in ("prefill", "decode"):
+            self.control = httpx.get(self.url + "/pd/info").json()["control_address"]
 
     def stats(self) -> dict:
         return httpx.get(self.url + "/pd/stats", timeout=10).json()

@@ -1,0 +1,128 @@
+"""The unified worker as a real uvicorn process, driven by the official openai client."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.conftest import engine_cfg
+from tests.disagg.procs import Worker
+from toolkit.engine.request import SamplingParams
+
+pytestmark = pytest.mark.timeout(300)
+PROMPTS = ["Hello there", "The quick brown fox", "1, 2, 3,", "A"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    w = Worker("unified", ["server.max_queue=4"])
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def greedy(tiny_ckpt):
+    from toolkit.engine.engine import Engine
+
+    e = Engine(tiny_ckpt, engine_cfg(chunk_size=16))
+    return {p: e.generate([p], SamplingParams(max_new_tokens=10, ignore_eos=True))[0].text for p in PROMPTS}
+
+
+def wait_free(server, timeout=20):
+    t0 = time.time()
+    while (h := httpx.get(server.url + "/health").json())["pages_in_use"] or h["in_flight"]:
+        assert time.time() - t0 < timeout, h
+        time.sleep(0.1)
+
+
+def test_completions_stream_and_not_equal_engine_greedy(client, greedy, server):
+    """Guards against the HTTP layer changing the text (lost/duplicated SSE deltas, wrong
+    detokenization) or the usage counts."""
+    for p in PROMPTS:
+        r = client.completions.create(model="tiny-random", prompt=p, max_tokens=10, temperature=0,
+                                      extra_body={"ignore_eos": True}, logprobs=1)
+        assert r.choices[0].text == greedy[p]
+        assert r.usage.completion_tokens == 10 and r.choices[0].finish_reason == "length"
+        assert len(r.choices[0].logprobs.token_logprobs) == 10
+        s = client.completions.create(model="tiny-random", prompt=p, max_tokens=10, temperature=0,
+                                      extra_body={"ignore_eos": True}, stream=True)
+        assert "".join(c.choices[0].text for c in s) == greedy[p]
+    wait_free(server)
+
+
+def test_chat_stream_matches_non_stream(client, server):
+    """Guards against chat streaming and non-streaming disagreeing, and a missing role delta."""
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    full = client.chat.completions.create(model="tiny-random", messages=msgs, max_tokens=12, temperature=0,
+                                          seed=1)
+    chunks = list(client.chat.completions.create(model="tiny-random", messages=msgs, max_tokens=12,
+                                                 temperature=0, seed=1, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert client.models.list().data[0].id == "tiny-random"
+    wait_free(server)
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"model": "tiny-random", "prompt": "x", "temperature": 3}, "temperature"),
+    ({"model": "tiny-random", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "tiny-random", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "tiny-random", "prompt": "x", "max_tokens": 100000}, "max_tokens"),
+    ({"model": "tiny-random", "prompt": "x " * 600}, "prompt"),
+    ({"model": "tiny-random"}, "prompt"),
+    ({"model": "nope", "prompt": "x"}, "model"),
+    ({"model": "tiny-random", "prompt": "x", "seed": -1}, "seed"),
+    ({"model": "tiny-random", "prompt": "x", "stop": [""]}, "stop"),
+])
+def test_bad_input_gets_4xx_naming_the_field(server, body, field):
+    """Guards against bad requests reaching the engine (or a 5xx) and vague errors."""
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert 400 <= r.status_code < 500, r.text
+    assert field in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_full_queue_gets_503_with_retry_after(server):
+    """Guards against unbounded admission: beyond server.max_queue requests, 503 + Retry-After."""
+    codes, lock = [], threading.Lock()
+
+    def one():
+        r = httpx.post(server.url + "/v1/completions", timeout=120, json={
+            "model": "tiny-random", "prompt": "Hello", "max_tokens": 60, "temperature": 0, "ignore_eos": True})
+        with lock:
+            codes.append((r.status_code, r.headers.get("retry-after")))
+
+    ts = [threading.Thread(target=one) for _ in range(12)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert any(c == 503 and ra for c, ra in codes), codes
+    assert any(c == 200 for c, _ in codes)
+    wait_free(server)
+
+
+def test_client_disconnect_aborts_and_frees_pages(server):
+    """Guards against a client that goes away mid-stream leaving its request running and its
+    pages allocated."""
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
+            "model": "tiny-random", "prompt": "Hello", "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True, "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break
+    wait_free(server, timeout=20)
+    text = httpx.get(server.url + "/metrics").text
+    assert "time_to_first_token_seconds_count" in text and "kv_pages_in_use 0.0" in text
