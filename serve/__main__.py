@@ -26,6 +26,18 @@ def build_pd_worker(cfg):
     return make_worker(cfg.role.name, engine, cfg.transfer, cfg.role.control_address)
 
 
+def build_router(cfg):
+    from serve.router import RouterBackend, create_router_app
+    from toolkit.models.loader import load_checkpoint
+
+    validate(cfg)
+    ckpt = load_checkpoint(cfg.model, progress=False)  # for the tokenizer and the context length
+    max_len = cfg.engine.max_model_len or ckpt.args.max_position_embeddings
+    r = cfg.role
+    return create_router_app(RouterBackend(ckpt.tokenizer, cfg.model.name, max_len, r.prefill_urls,
+                                           r.decode_urls, r.policy, r.health_interval_s, cfg.server.max_queue))
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="run")
 def main(cfg: DictConfig) -> None:
     import uvicorn
@@ -33,7 +45,10 @@ def main(cfg: DictConfig) -> None:
     logs.setup()
     cfg = OmegaConf.to_object(cfg)
     try:
-        if cfg.role.name == "unified":
+        if cfg.role.name == "router":
+            app, where = build_router(cfg), f"OpenAI API at /v1 over {len(cfg.role.prefill_urls)} prefill " \
+                f"and {len(cfg.role.decode_urls)} decode workers"
+        elif cfg.role.name == "unified":
             from serve.unified import create_unified_app
             from toolkit.run import build_engine
 

@@ -33,7 +33,7 @@ class Worker:
                       TOOLKIT_LOG=os.environ.get("PD_TEST_LOG", "WARNING")), **(env or {})}
         self.log = open(os.path.join("/tmp", f"pd-{role}-{self.port}.log"), "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serve", f"role={role}", f"transfer={'none' if role == 'unified' else 'nixl'}",
+            [sys.executable, "-m", "serve", f"role={role}", f"transfer={'nixl' if role in ('prefill', 'decode') else 'none'}",
              f"server.port={self.port}",
              *TINY_ENGINE, *overrides], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         t0 = time.time()

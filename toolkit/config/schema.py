@@ -64,9 +64,14 @@ class EngineConfig:
 
 @dataclasses.dataclass
 class RoleConfig:
-    name: str = "unified"  # unified | prefill | decode
+    name: str = "unified"  # unified | prefill | decode | router
     # Control address this worker binds for P/D messages ("" = pick a free loopback port).
     control_address: str = ""
+    # router only: the workers it fronts, and how it picks them
+    prefill_urls: list[str] = field(default_factory=list)
+    decode_urls: list[str] = field(default_factory=list)
+    policy: str = "round_robin"  # round_robin | least_loaded
+    health_interval_s: float = 1.0
 
 
 @dataclasses.dataclass

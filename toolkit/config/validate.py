@@ -11,7 +11,7 @@ from kernels.attention import CHOICES as ATTENTION_CHOICES
 
 MODEL_SOURCES = ("gguf", "hf", "orbax", "random")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ROLES = ("unified", "prefill", "decode")
+ROLES = ("unified", "prefill", "decode", "router")
 CACHE_POLICIES = ("none",)
 TRANSFER_BACKENDS = ("none", "nixl", "inproc")
 
@@ -76,6 +76,11 @@ def validate(cfg) -> None:
 
 def validate_pd(role, t, disagg: bool = False) -> None:
     """P/D roles need a transfer backend, and the unified role must not ask for one."""
+    if role.name == "router":
+        _need(bool(role.prefill_urls) and bool(role.decode_urls),
+              "role=router needs role.prefill_urls and role.decode_urls (lists of worker URLs)")
+        _one_of("role.policy", role.policy, ("round_robin", "least_loaded"))
+        return
     if disagg:
         _need(role.name == "unified", f"disagg=true runs both roles in one process; drop role.name={role.name}")
         _need(t.backend != "none", "disagg=true needs a transfer backend: set transfer to one of nixl, inproc")
