@@ -122,6 +122,23 @@ class BenchConfig:
 
 
 @dataclasses.dataclass
+class LoadConfig:
+    """``python -m serve.bench``: replay a workload against an OpenAI-compatible endpoint."""
+
+    url: str = "http://127.0.0.1:8000"
+    model: str = ""  # "" = the first of /v1/models
+    workload: str = "random"  # random | multiturn
+    num_requests: int = 64
+    concurrency: int = 8
+    input_len: int = 128  # random: prompt words; multiturn: words per user turn
+    output_len: int = 64
+    turns: int = 4  # multiturn: user turns per conversation (shared, growing prefixes)
+    shared_prefix_len: int = 256  # multiturn: words of a system prompt shared by all conversations
+    seed: int = 0
+    json_out: str = ""
+
+
+@dataclasses.dataclass
 class RunConfig:
     """Top-level config of ``python -m toolkit.run`` (and bench/convert)."""
 
@@ -132,6 +149,7 @@ class RunConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
     prompt: str = "What is the capital of France?"
     system: Optional[str] = None
     chat: bool = True

@@ -1,0 +1,168 @@
+"""Load generator for any OpenAI-compatible endpoint (ours, or any other server).
+
+    python -m serve.bench load.url=http://127.0.0.1:8000 load.concurrency=16 load.num_requests=128
+    python -m serve.bench load.workload=multiturn load.turns=4 load.json_out=load.json
+
+Workloads are pluggable (``WORKLOADS``): ``random`` (independent random prompts) and
+``multiturn`` (conversations that share a system prompt and grow turn by turn: the
+shared-prefix traffic a prefix cache is for). Each request streams; we record time to
+first token, the gaps between tokens and end-to-end latency, then print a table
+(request throughput, output tokens/s, TTFT p50/p99, ITL avg/p99, E2E p50) and write JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import sys
+import time
+from typing import AsyncIterator, Callable
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+WORDS = ("time person year way day thing man world life hand part child eye woman place work week case "
+         "point government company number group problem fact river stone light music garden window").split()
+
+
+@dataclasses.dataclass
+class Result:
+    ok: bool
+    ttft: float = 0.0
+    itls: list[float] = dataclasses.field(default_factory=list)
+    e2e: float = 0.0
+    out_tokens: int = 0
+    error: str = ""
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def random_workload(cfg, rng) -> list[list[dict]]:
+    """Each request: one independent conversation of one user message."""
+    return [[{"role": "user", "content": _words(rng, cfg.input_len)}] for _ in range(cfg.num_requests)]
+
+
+def multiturn_workload(cfg, rng) -> list[list[dict]]:
+    """Conversations sharing a system prompt; turn t of a conversation repeats turns < t (and
+    made-up assistant answers), so consecutive requests share ever longer prefixes."""
+    system = {"role": "system", "content": _words(random.Random(cfg.seed), cfg.shared_prefix_len)}
+    out, convs = [], max(1, cfg.num_requests // cfg.turns)
+    for _ in range(convs):
+        msgs = [system]
+        for _ in range(cfg.turns):
+            msgs = msgs + [{"role": "user", "content": _words(rng, cfg.input_len)}]
+            out.append(list(msgs))
+            msgs = msgs + [{"role": "assistant", "content": _words(rng, cfg.output_len // 2)}]
+    return out[:cfg.num_requests]
+
+
+WORKLOADS: dict[str, Callable] = {"random": random_workload, "multiturn": multiturn_workload}
+
+
+async def _one(client: httpx.AsyncClient, cfg, model: str, messages: list[dict]) -> Result:
+    body = {"model": model, "messages": messages, "max_tokens": cfg.output_len, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    t0 = time.perf_counter()
+    last, res = None, Result(ok=False)
+    try:
+        async with client.stream("POST", cfg.url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return Result(False, error=f"{r.status_code}: {r.text[:200]}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ev = json.loads(line[6:])
+                if "error" in ev:
+                    return Result(False, error=ev["error"]["message"])
+                if ev["choices"][0]["delta"].get("content") is not None:
+                    now = time.perf_counter()
+                    if last is None:
+                        res.ttft = now - t0
+                    else:
+                        res.itls.append(now - last)
+                    last = now
+                if ev.get("usage"):
+                    res.out_tokens = ev["usage"]["completion_tokens"]
+        res.ok, res.e2e = True, time.perf_counter() - t0
+    except httpx.HTTPError as e:
+        res.error = repr(e)
+    return res
+
+
+async def run_load(cfg) -> tuple[list[Result], float]:
+    rng = random.Random(cfg.seed)
+    requests = WORKLOADS[cfg.workload](cfg, rng)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=600.0)) as client:
+        model = cfg.model or (await client.get(cfg.url + "/v1/models")).json()["data"][0]["id"]
+        sem = asyncio.Semaphore(cfg.concurrency)
+        bar = tqdm(total=len(requests), desc=f"{cfg.workload} x{cfg.concurrency}", file=sys.stderr)
+
+        async def guarded(msgs):
+            async with sem:
+                r = await _one(client, cfg, model, msgs)
+                bar.update()
+                return r
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(guarded(m) for m in requests))
+        bar.close()
+        return list(results), time.perf_counter() - t0
+
+
+def summarize(results: list[Result], wall: float, cfg) -> dict:
+    ok = [r for r in results if r.ok]
+    pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
+    itls = [x for r in ok for x in r.itls]
+    return {"workload": cfg.workload, "concurrency": cfg.concurrency, "requests": len(results),
+            "failed": len(results) - len(ok), "wall_s": wall, "req_per_s": len(ok) / wall,
+            "output_tok_per_s": sum(r.out_tokens for r in ok) / wall,
+            "ttft_p50_ms": pct([r.ttft for r in ok], 50), "ttft_p99_ms": pct([r.ttft for r in ok], 99),
+            "itl_avg_ms": float(np.mean(itls)) * 1e3 if itls else float("nan"), "itl_p99_ms": pct(itls, 99),
+            "e2e_p50_ms": pct([r.e2e for r in ok], 50),
+            "errors": sorted({r.error for r in results if not r.ok})[:5]}
+
+
+def print_table(s: dict) -> None:
+    cols = ["workload", "concurrency", "requests", "failed", "req_per_s", "output_tok_per_s", "ttft_p50_ms",
+            "ttft_p99_ms", "itl_avg_ms", "itl_p99_ms", "e2e_p50_ms"]
+    print(" ".join(f"{c:>16}" for c in cols))
+    print(" ".join(f"{s[c]:>16.2f}" if isinstance(s[c], float) else f"{s[c]:>16}" for c in cols))
+    for e in s["errors"]:
+        print("error:", e)
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import OmegaConf
+
+    from toolkit import logs
+    from toolkit.config import schema
+
+    schema.register()
+
+    @hydra.main(version_base=None, config_path="../conf", config_name="run")
+    def _main(cfg) -> None:
+        logs.setup()
+        load = OmegaConf.to_object(cfg).load
+        if load.workload not in WORKLOADS:
+            print(f"config error: load.workload={load.workload!r}; allowed: {', '.join(WORKLOADS)}",
+                  file=sys.stderr)
+            sys.exit(2)
+        results, wall = asyncio.run(run_load(load))
+        s = summarize(results, wall, load)
+        print_table(s)
+        if load.json_out:
+            with open(load.json_out, "w") as f:
+                json.dump(s, f, indent=2)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
