@@ -15,10 +15,11 @@ import json
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from serve.loop import EngineLoop
+from serve.metrics import Metrics
 from toolkit.disagg.protocol import RoomState
 from toolkit.engine.request import SamplingParams
 
@@ -65,6 +66,17 @@ def create_app(worker) -> FastAPI:
     @app.get("/pd/info")
     async def info():
         return {"role": worker.role, "control_address": worker.control.address}
+
+    metrics = app.state.metrics = Metrics()
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        st = await stats()
+        metrics.pages.set(st["pages_used"])
+        metrics.running.set(st["rooms_active"])
+        metrics.transfer_bytes.set(st["transfer_bytes"])
+        metrics.transfer_failures.set(st["transfer_failures"])
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/pd/stats")
     async def stats():

@@ -73,6 +73,23 @@ def test_64_concurrent_streams_none_lost_or_mixed(cluster, tiny_ckpt):
         w.wait_idle()
 
 
+def test_client_disconnect_through_router_frees_every_worker(cluster):
+    """Guards against a vanished client leaving its room decoding (or transferring) on the
+    workers behind the router."""
+    pre, decs, router = cluster
+    for _ in range(3):
+        with httpx.stream("POST", router.url + "/v1/completions", timeout=60, json={
+                "model": "tiny-random", "prompt": "Hello", "max_tokens": 300, "temperature": 0,
+                "ignore_eos": True, "stream": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 4:
+                    break
+    for w in (pre, *decs):
+        w.wait_idle()
+    m = httpx.get(decs[0].url + "/metrics").text
+    assert "kv_pages_in_use 0.0" in m and "kv_transfer_failures" in m
+
+
 def test_killing_a_decode_worker_mid_stream(cluster):
     """Guards against a client hanging when its decode worker dies, and against the router
     sending new requests to the dead worker."""
