@@ -82,7 +82,7 @@ class RouterBackend:
             except (httpx.HTTPError, KeyError, ValueError):
                 ok = False
             if ok != w.healthy:
-                log.warning("%s worker %s is %s", w.role, w.url, "back" if ok else "out of rotation")
+                log.warning("%s worker %s is %s", w.role, w.url, "in rotation" if ok else "out of rotation")
                 if not ok:
                     w.control = ""  # a restarted worker has a new control address
             w.healthy = ok
