@@ -75,7 +75,8 @@ def run_decode(rows, bw, B, ctx, quick):
         from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
         kp, vp = (jnp.transpose(x[0], (2, 0, 1, 3)) for x in (k, v))  # [KV, P, S, D]
-        pa = jax.jit(lambda q, kp, vp, pt, l: paged_attention(q, kp, vp, pt, l))
+        # that kernel does not scale the logits: pass q pre-scaled by 1/sqrt(D)
+        pa = jax.jit(lambda q, kp, vp, pt, l: paged_attention(q * jnp.asarray(D ** -0.5, q.dtype), kp, vp, pt, l))
         got = pa(q, kp, vp, pt, lens)
         err = float(jnp.linalg.norm((got - out_ref).astype(jnp.float32)) /
                     jnp.linalg.norm(out_ref.astype(jnp.float32)))
