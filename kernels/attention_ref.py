@@ -14,7 +14,6 @@ and produce zeros.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 _NEG = -1e30  # finite so a fully masked row gives zeros, not NaN

@@ -5,7 +5,6 @@ donated jitted scatter runs repeatedly, and we check the pointer stays put and d
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def trial(name, make):

@@ -16,13 +16,10 @@ schema.register()
 
 def build_pd_worker(cfg):
     from toolkit.disagg.pair import make_worker
-    from toolkit.engine.engine import Engine, resolve_dtype
-    from toolkit.models.loader import load_checkpoint
+    from toolkit.engine.engine import Engine
 
     validate(cfg)
-    ckpt = load_checkpoint(cfg.model)
-    engine = Engine(ckpt, cfg.engine, resolve_dtype(cfg.model.dtype),
-                    keep_pages_on_finish=cfg.role.name == "prefill")
+    engine = Engine.from_config(cfg.model, cfg.engine, keep_pages_on_finish=cfg.role.name == "prefill")
     return make_worker(cfg.role.name, engine, cfg.transfer, cfg.role.control_address)
 
 

@@ -18,7 +18,7 @@ import json
 import random
 import sys
 import time
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 import httpx
 import numpy as np

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import TINY_MODEL, engine_cfg
+from tests.conftest import engine_cfg
 from toolkit.engine.request import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

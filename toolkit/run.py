@@ -39,7 +39,7 @@ def build_engine(cfg):
 def pd_job(cfg) -> None:
     """The same job served disaggregated: a prefill engine writes the prompt's KV into a
     decode engine's pages (both in this process), the decode engine generates."""
-    from toolkit.disagg.pair import PDPair, _over
+    from toolkit.disagg.pair import PDPair
     from toolkit.engine.engine import resolve_dtype
     from toolkit.models.loader import load_checkpoint
 
@@ -50,7 +50,7 @@ def pd_job(cfg) -> None:
     t0 = time.perf_counter()
     r = pair.submit(eng.tokenizer.encode(prompt), sampling_from(cfg),
                     on_token=lambda s, t, d: (sys.stdout.write(d), sys.stdout.flush()))
-    while not _over(r):
+    while not r.over:
         pair.step()
     dt = time.perf_counter() - t0
     sys.stdout.write("\n")

@@ -106,3 +106,13 @@ def run_concurrently(prefill, decode, prompts, params_list, room_base=1000) -> l
         futs = [ex.submit(pd_request, prefill, decode, room_base + i, p, sp)
                 for i, (p, sp) in enumerate(zip(prompts, params_list))]
         return [f.result() for f in futs]
+
+
+def stream_then_disconnect(url: str, max_tokens: int, lines: int) -> None:
+    """Start a long streaming completion, read a few SSE lines, then hang up."""
+    with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+            "model": "tiny-random", "prompt": "Hello", "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= lines:
+                break

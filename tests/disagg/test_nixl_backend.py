@@ -405,7 +405,6 @@ def test_jax_cpu_array_registered_by_buffer_pointer(peers):
     registered by ``unsafe_buffer_pointer()``, and what the initiator (also JAX arrays) writes
     must be visible through those arrays to a jitted read and to a host read afterwards."""
     import jax
-    import jax.numpy as jnp
 
     shape = (L, P_HERE, PAGE, KV, DH)
     rng = np.random.default_rng(3)

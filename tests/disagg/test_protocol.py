@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import jax
-import numpy as np
 import pytest
 
 from tests.disagg.conftest import PAGE, edge_params, edge_prompts, unified_reference

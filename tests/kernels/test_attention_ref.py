@@ -1,6 +1,5 @@
 """The jnp paged-attention reference against dense attention on contiguous K/V."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

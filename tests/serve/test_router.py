@@ -12,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import engine_cfg
-from tests.disagg.procs import Worker
+from tests.disagg.procs import Worker, stream_then_disconnect
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -78,12 +78,7 @@ def test_client_disconnect_through_router_frees_every_worker(cluster):
     workers behind the router."""
     pre, decs, router = cluster
     for _ in range(3):
-        with httpx.stream("POST", router.url + "/v1/completions", timeout=60, json={
-                "model": "tiny-random", "prompt": "Hello", "max_tokens": 300, "temperature": 0,
-                "ignore_eos": True, "stream": True}) as r:
-            for i, _ in enumerate(r.iter_lines()):
-                if i > 4:
-                    break
+        stream_then_disconnect(router.url, max_tokens=300, lines=5)
     for w in (pre, *decs):
         w.wait_idle()
     m = httpx.get(decs[0].url + "/metrics").text

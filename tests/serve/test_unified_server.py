@@ -10,7 +10,7 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import engine_cfg
-from tests.disagg.procs import Worker
+from tests.disagg.procs import Worker, stream_then_disconnect
 from toolkit.engine.request import SamplingParams
 
 pytestmark = pytest.mark.timeout(300)
@@ -117,12 +117,7 @@ def test_full_queue_gets_503_with_retry_after(server):
 def test_client_disconnect_aborts_and_frees_pages(server):
     """Guards against a client that goes away mid-stream leaving its request running and its
     pages allocated."""
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
-            "model": "tiny-random", "prompt": "Hello", "max_tokens": 400, "temperature": 0,
-            "ignore_eos": True, "stream": True}) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i > 3:
-                break
+    stream_then_disconnect(server.url, max_tokens=400, lines=4)
     wait_free(server, timeout=20)
     text = httpx.get(server.url + "/metrics").text
     assert "time_to_first_token_seconds_count" in text and "kv_pages_in_use 0.0" in text

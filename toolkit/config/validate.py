@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from kernels.attention import CHOICES as ATTENTION_CHOICES
+from toolkit.cache.pool import KV_ALLOC
 
 MODEL_SOURCES = ("gguf", "hf", "orbax", "random")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -61,7 +62,7 @@ def validate_engine(e) -> None:
               f"engine.chunk_size={e.chunk_size} is larger than the pool: engine.num_pages={e.num_pages} "
               f"x engine.page_size={ps} holds {capacity} tokens (page 0 is reserved)")
     _one_of("engine.attention_backend", e.attention_backend, ATTENTION_CHOICES)
-    _one_of("engine.kv_alloc", e.kv_alloc, ("auto", "xla", "cuda_malloc"))
+    _one_of("engine.kv_alloc", e.kv_alloc, KV_ALLOC)
 
 
 def validate(cfg) -> None:

@@ -12,7 +12,6 @@ nothing can still be writing into them.
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np

@@ -73,7 +73,7 @@ class PDPair:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         rooms = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
         t0 = time.perf_counter()
-        while not all(_over(r) for r in rooms):
+        while not all(r.over for r in rooms):
             self.step()
             if time.perf_counter() - t0 > timeout_s:
                 raise TimeoutError("P/D generate did not finish")
@@ -85,8 +85,3 @@ class PDPair:
         self.prefill.close()
         self.decode.close()
 
-
-def _over(r) -> bool:
-    from toolkit.disagg.protocol import RoomState
-
-    return r.state is RoomState.FAILED or (r.state is RoomState.SUCCESS and r.seq.is_finished)

@@ -11,7 +11,6 @@ the in-flight transfers have ended.
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import jax
@@ -59,6 +58,8 @@ class PrefillWorker(WorkerBase):
             self._on_control(m)
         if self.engine.has_unfinished():
             self.engine.step()
+            # the step's KV writes must have landed before any WRITE reads the pool
+            jax.block_until_ready((self.engine.runner.pool.k, self.engine.runner.pool.v))
         for r in self.active_rooms():
             if r.seq is not None and r.state in (RoomState.WAITING_FOR_INPUT, RoomState.TRANSFERRING):
                 self._post_ready(r)
@@ -130,7 +131,6 @@ class PrefillWorker(WorkerBase):
             self._fill_aux(r, prefix_pages)
             aux = (r.aux_slot, r.meta.aux_slot)
         notif = last_notif(r.room, r.num_transfers + 1) if done else chunk_notif(r.room, r.num_transfers)
-        jax.block_until_ready((self.engine.runner.pool.k, self.engine.runner.pool.v))
         try:
             h = self._write(r, self._peers[r.peer_addr], src, dst, aux, notif)
         except TransferError as e:

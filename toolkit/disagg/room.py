@@ -47,6 +47,11 @@ class Room:
     transfers: list[tuple[float, float, int]] = dataclasses.field(default_factory=list)
     on_done: Optional[Callable[["Room"], None]] = None
 
+    @property
+    def over(self) -> bool:
+        """Nothing more will happen to the request: it failed, or succeeded and finished."""
+        return self.state is RoomState.FAILED or (self.state is RoomState.SUCCESS and self.seq.is_finished)
+
     def set(self, state: RoomState, deadline: float | None = None) -> None:
         self.state = state
         self.history.append((time.perf_counter(), state.value))

@@ -10,9 +10,9 @@ from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from toolkit.cache.allocator import PageAllocator
+from toolkit.cache.pool import PoolLayout
 from toolkit.config import validate as V
 from toolkit.config.schema import EngineConfig, ModelConfig
 from toolkit.engine.request import RequestOutput, SamplingParams, Sequence, Status
@@ -60,18 +60,18 @@ class Engine:
         self.args = ckpt.args
         self.tokenizer: Tokenizer = ckpt.tokenizer
         self.max_model_len = ecfg.max_model_len or ckpt.args.max_position_embeddings
-        kv_bytes = 2 * self.args.num_layers * ecfg.page_size * self.args.num_kv_heads \
-            * self.args.head_dim * jnp.dtype(dtype).itemsize
-        num_pages = pool_pages(ecfg, kv_bytes)
+        # K and V of one page across all layers: what each page of the pool costs
+        page_bytes = PoolLayout.for_model(self.args, 1, ecfg.page_size, dtype).total_bytes
+        num_pages = pool_pages(ecfg, page_bytes)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(ecfg, self.allocator)
         self.runner = ModelRunner(ckpt.args, ckpt.weights, ecfg, dtype, num_pages, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
-        self.num_steps = 0
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, ecfg: EngineConfig, progress: bool = True) -> "Engine":
+    def from_config(cls, model_cfg: ModelConfig, ecfg: EngineConfig, progress: bool = True,
+                    keep_pages_on_finish: bool = False) -> "Engine":
         """Validate everything first, then load weights, then allocate the pool."""
         from toolkit.models.loader import load_checkpoint
 
@@ -79,7 +79,7 @@ class Engine:
         V.validate_engine(ecfg)
         dtype = resolve_dtype(model_cfg.dtype)
         ckpt = load_checkpoint(model_cfg, progress=progress)
-        return cls(ckpt, ecfg, dtype)
+        return cls(ckpt, ecfg, dtype, keep_pages_on_finish=keep_pages_on_finish)
 
     # ---- requests -------------------------------------------------------------
 
@@ -154,7 +154,6 @@ class Engine:
         if batch is None:
             return []
         tokens, logprobs = self.runner.run(batch)
-        self.num_steps += 1
         out = []
         for seq, n, tok, lp in zip(batch.seqs, batch.num_tokens, tokens, logprobs):
             seq.num_computed += n
