@@ -15,7 +15,7 @@ class _Sampling(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, lt=2**31)
     seed: Optional[int] = Field(None, ge=0, lt=2**32)
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False

@@ -149,7 +149,8 @@ def test_bad_requests_rejected(tiny_ckpt, make_engine):
     """Guards against invalid sampling values or oversize prompts entering the scheduler."""
     e = make_engine(tiny_ckpt)
     for bad, field in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
-                       (dict(top_k=-2), "top_k"), (dict(max_new_tokens=0), "max_new_tokens")]:
+                       (dict(top_k=-2), "top_k"), (dict(top_k=2**40), "top_k"),
+                       (dict(max_new_tokens=0), "max_new_tokens")]:
         with pytest.raises(ValueError, match=field):
             e.add_request([5, 6], SamplingParams(**bad))
     with pytest.raises(ValueError, match="max_model_len"):

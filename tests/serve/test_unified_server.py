@@ -81,6 +81,7 @@ def test_chat_stream_matches_non_stream(client, server):
     ({"model": "tiny-random"}, "prompt"),
     ({"model": "nope", "prompt": "x"}, "model"),
     ({"model": "tiny-random", "prompt": "x", "seed": -1}, "seed"),
+    ({"model": "tiny-random", "prompt": "x", "top_k": 2**40}, "top_k"),  # found by the fuzzer
     ({"model": "tiny-random", "prompt": "x", "stop": [""]}, "stop"),
 ])
 def test_bad_input_gets_4xx_naming_the_field(server, body, field):
