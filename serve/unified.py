@@ -45,11 +45,15 @@ class UnifiedBackend:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.worker = UnifiedWorker(engine)
+        self._admitting = 0  # admitted, not yet registered by the loop thread
         self.loop = EngineLoop(self.worker)
 
     async def start(self, ids: list[int], params: SamplingParams, rid: str) -> asyncio.Queue:
-        if len(self.worker.emitters) >= self.max_queue:
-            raise Overloaded(f"server busy: {len(self.worker.emitters)} requests in flight "
+        # Requests between this check and their registration on the loop thread count too:
+        # checking only the registered ones let a burst past the bound.
+        in_flight = len(self.worker.emitters) + self._admitting
+        if in_flight >= self.max_queue:
+            raise Overloaded(f"server busy: {in_flight} requests in flight "
                              f"(server.max_queue={self.max_queue}); retry later")
         aloop, q = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -63,7 +67,11 @@ class UnifiedBackend:
             self.engine.add_request(ids, params, request_id=rid, on_token=on_token)
             self.worker.emitters[rid] = emit
 
-        await self.loop.call(submit)
+        self._admitting += 1
+        try:
+            await self.loop.call(submit)
+        finally:
+            self._admitting -= 1
         return q
 
     async def abort(self, rid: str) -> None:

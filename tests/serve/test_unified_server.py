@@ -98,10 +98,12 @@ def test_bad_input_gets_4xx_naming_the_field(server, body, field):
 def test_full_queue_gets_503_with_retry_after(server):
     """Guards against unbounded admission: beyond server.max_queue requests, 503 + Retry-After."""
     codes, lock = [], threading.Lock()
+    start = threading.Barrier(12)  # all at once, each long enough to still be running
 
     def one():
+        start.wait()
         r = httpx.post(server.url + "/v1/completions", timeout=120, json={
-            "model": "tiny-random", "prompt": "Hello", "max_tokens": 60, "temperature": 0, "ignore_eos": True})
+            "model": "tiny-random", "prompt": "Hello", "max_tokens": 400, "temperature": 0, "ignore_eos": True})
         with lock:
             codes.append((r.status_code, r.headers.get("retry-after")))
 
