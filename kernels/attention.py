@@ -11,7 +11,7 @@ from typing import Callable
 
 import jax
 
-from kernels import attention_ref
+from kernels import attention_pallas, attention_ref
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,15 +29,23 @@ REFERENCE = AttentionBackend(
     write_kv=attention_ref.write_kv,
 )
 
-BACKENDS = {"reference": REFERENCE}
-CHOICES = ("auto", "reference")
+# Pallas kernels: compiled through Triton on a GPU, interpret mode elsewhere (slow; tests).
+# Head dims that are not powers of two fall back to the reference inside each function.
+PALLAS = AttentionBackend(
+    name="pallas",
+    decode=attention_pallas.paged_decode_attention,
+    prefill=attention_pallas.paged_prefill_attention,
+    write_kv=attention_pallas.write_kv,
+)
+
+BACKENDS = {"reference": REFERENCE, "pallas": PALLAS}
+CHOICES = ("auto", "reference", "pallas")
 
 
 def get_backend(name: str) -> AttentionBackend:
-    """``auto`` picks GPU kernels on a GPU (none yet, so the reference) and the reference on CPU."""
+    """``auto`` picks the Pallas kernels on a GPU and the jnp reference elsewhere."""
     if name == "auto":
-        platform = jax.devices()[0].platform
-        name = "gpu" if platform == "gpu" and "gpu" in BACKENDS else "reference"
+        name = "pallas" if jax.devices()[0].platform == "gpu" else "reference"
     if name not in BACKENDS:
         raise ValueError(f"engine.attention_backend={name!r}; allowed: {', '.join(CHOICES)}")
     return BACKENDS[name]

@@ -13,10 +13,11 @@ Kernels
   and writes its normalised partial output and log-sum-exp. Splits are merged with a
   log-sum-exp weighting in jnp (flash-decoding); the number of splits is picked from the
   static shapes so short batches of long contexts still fill the GPU.
-- ``paged_prefill_attention``: ragged chunks. The query tokens are cut into blocks of
-  ``block_q`` tokens that never cross a sequence; grid (query block, query head). Each
-  program first runs over the key blocks every one of its queries sees in full (no mask),
-  then over the diagonal blocks with the causal mask.
+- ``paged_prefill_attention``: ragged chunks. The query tokens are cut into blocks that
+  never cross a sequence; grid (query block, KV head). A tile's ``block_q`` rows are the
+  block's tokens x the query heads of that KV head (GQA packing: each K/V tile is read
+  once for all of them). Each program first runs over the key blocks every one of its
+  queries sees in full (no mask), then over the diagonal blocks with the causal mask.
 - ``write_kv``: this step's K/V rows into their slots, the pool aliased in place.
 - ``gather_pages`` / ``scatter_pages``: pages of every layer to or from a contiguous
   page-major staging buffer (transfer staging, host offload).
@@ -89,10 +90,10 @@ def _call(kernel, args, out_shape, *, grid, name, params, poison=False, aliases=
 
 # ----------------------------------------------------------------------------- decode
 
-def _decode_kernel(layer_ref, pt_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                   G: int, block_k: int, split_tokens: int, scale: float):
+def _decode_kernel(layer_ref, pt_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref=None, *,
+                   G: int, Gp: int, block_k: int, split_tokens: int, scale: float):
     b, kvh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    Gp, D = o_ref.shape[-2:]
+    D = q_ref.shape[-1]
     S = k_ref.shape[2]
     layer = layer_ref[0]
     n = lens_ref[b]
@@ -125,8 +126,14 @@ def _decode_kernel(layer_ref, pt_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, lse_
             jnp.zeros((Gp,), jnp.float32))
     o, m, l = lax.fori_loop(0, nblk, body, init)
     has = l > 0
-    o_ref[b, kvh, sp, :, :] = jnp.where(has[:, None], o / jnp.where(has, l, 1.0)[:, None], 0.0)
-    lse_ref[b, kvh, sp, :] = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), _NEG)
+    o = jnp.where(has[:, None], o / jnp.where(has, l, 1.0)[:, None], 0.0)
+    rows = jnp.broadcast_to(g < G, (Gp, D))  # only the G real heads are stored
+    if lse_ref is None:  # one split: the final output, no merge
+        plgpu.store(o_ref.at[b, kvh * G + g, d], o.astype(o_ref.dtype), mask=rows)
+    else:
+        plgpu.store(o_ref.at[b, kvh, sp, g, d], o, mask=rows)
+        lse = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), _NEG)
+        plgpu.store(lse_ref.at[b, kvh, sp, g[:, 0]], lse, mask=g[:, 0] < G)
 
 
 def decode_splits(B: int, KV: int, max_tokens: int, block_k: int, *, target_programs: int = 1024,
@@ -152,30 +159,30 @@ def paged_decode_attention(q, k_pool, v_pool, layer, page_table, kv_lens, *, sca
     NS = num_splits or decode_splits(B, KV, max_tokens, block_k)
     split_tokens = -(-max_tokens // NS)
     split_tokens = -(-split_tokens // block_k) * block_k
-    kernel = functools.partial(_decode_kernel, G=G, block_k=block_k, split_tokens=split_tokens,
+    kernel = functools.partial(_decode_kernel, G=G, Gp=Gp, block_k=block_k, split_tokens=split_tokens,
                                scale=float(scale))
-    o, lse = _call(
-        kernel,
-        (_scalar(layer), page_table.astype(jnp.int32), kv_lens.astype(jnp.int32), q, k_pool, v_pool),
-        [jax.ShapeDtypeStruct((B, KV, NS, Gp, D), jnp.float32),
-         jax.ShapeDtypeStruct((B, KV, NS, Gp), jnp.float32)],
-        grid=(B, KV, NS), name=f"paged_decode_bk{block_k}_ns{NS}",
-        params=_params(num_warps, num_stages), poison=poison)
+    args = (_scalar(layer), page_table.astype(jnp.int32), kv_lens.astype(jnp.int32), q, k_pool, v_pool)
+    common = dict(grid=(B, KV, NS), name=f"paged_decode_bk{block_k}_ns{NS}",
+                  params=_params(num_warps, num_stages), poison=poison)
     if NS == 1:
-        out = o[:, :, 0]
-    else:  # flash-decoding merge of the splits' partial outputs (log2 units)
-        mx = lse.max(axis=2, keepdims=True)
-        w = jnp.where(lse > _NEG / 2, jnp.exp2(lse - mx), 0.0)  # [B, KV, NS, Gp]
-        out = (o * w[..., None]).sum(2) / jnp.maximum(w.sum(2), 1e-30)[..., None]
-    return out[:, :, :G].reshape(B, H, D).astype(q.dtype)
+        return _call(kernel, args, jax.ShapeDtypeStruct((B, H, D), q.dtype), **common)
+    o, lse = _call(kernel, args, [jax.ShapeDtypeStruct((B, KV, NS, G, D), jnp.float32),
+                                  jax.ShapeDtypeStruct((B, KV, NS, G), jnp.float32)], **common)
+    # flash-decoding merge of the splits' partial outputs (log2 units)
+    mx = lse.max(axis=2, keepdims=True)
+    w = jnp.where(lse > _NEG / 2, jnp.exp2(lse - mx), 0.0)  # [B, KV, NS, G]
+    out = (o * w[..., None]).sum(2) / jnp.maximum(w.sum(2), 1e-30)[..., None]
+    return out.reshape(B, H, D).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------- prefill
 
 def _prefill_kernel(layer_ref, pt_ref, lens_ref, cu_ref, bseq_ref, bstart_ref, q_ref, k_ref, v_ref,
-                    o_ref, *, G: int, block_q: int, block_k: int, scale: float):
-    i, h = pl.program_id(0), pl.program_id(1)
-    kvh = h // G
+                    o_ref, *, G: int, Gp: int, block_t: int, block_k: int, scale: float):
+    """Rows of the tile = block_t query tokens x the Gp query heads of one KV head (GQA
+    packing: each K/V tile is loaded once for all heads that share it)."""
+    i, kvh = pl.program_id(0), pl.program_id(1)
+    R = block_t * Gp
     D = q_ref.shape[-1]
     S = k_ref.shape[2]
     layer = layer_ref[0]
@@ -183,17 +190,20 @@ def _prefill_kernel(layer_ref, pt_ref, lens_ref, cu_ref, bseq_ref, bstart_ref, q
     qs = bstart_ref[i]
     c0, c1 = cu_ref[b], cu_ref[b + 1]
     n = lens_ref[b]
-    qe = jnp.minimum(qs + block_q, c1)
-    rows = qs + jnp.arange(block_q)
-    rmask = jnp.broadcast_to((rows < qe)[:, None], (block_q, D))
+    qe = jnp.minimum(qs + block_t, c1)
+    r = jnp.arange(R)
+    t, g = r // Gp, r % Gp
+    rows = (qs + t)[:, None]
+    heads = (kvh * G + g)[:, None]
     d = jnp.arange(D)[None, :]
-    q = plgpu.load(q_ref.at[rows[:, None], h, d], mask=rmask, other=0)
+    rmask = jnp.broadcast_to(((qs + t < qe) & (g < G))[:, None], (R, D))
+    q = plgpu.load(q_ref.at[rows, heads, d], mask=rmask, other=0)
     q = (q.astype(jnp.float32) * (scale * _LOG2E)).astype(q_ref.dtype)
-    first = n - (c1 - c0) + (qs - c0)  # position of the block's first query
-    pos = first + jnp.arange(block_q)
+    first = n - (c1 - c0) + (qs - c0)  # position of the block's first query token
+    pos = first + t
     last = first + (qe - qs) - 1
     kv_end = jnp.where(qe > qs, jnp.minimum(n, last + 1), 0)
-    n_full = jnp.where(qe > qs, jnp.maximum(first + 1, 0) // block_k, 0)  # blocks every query sees
+    n_full = jnp.where(qe > qs, jnp.maximum(first + 1, 0) // block_k, 0)  # blocks every row sees
     n_all = (kv_end + block_k - 1) // block_k
 
     def step(j, carry, masked):
@@ -206,7 +216,7 @@ def _prefill_kernel(layer_ref, pt_ref, lens_ref, cu_ref, bseq_ref, bstart_ref, q
         page, off = page[:, None], (kt % S)[:, None]
         k = k_ref[layer, page, off, kvh, d]
         v = v_ref[layer, page, off, kvh, d]
-        s = _dot(q, k, trans_b=True)  # [block_q, block_k]
+        s = _dot(q, k, trans_b=True)  # [R, block_k]
         if masked:
             s = jnp.where((kt[None, :] <= pos[:, None]) & (kt[None, :] < n), s, _NEG)
         m_new = jnp.maximum(m, s.max(axis=1))
@@ -216,13 +226,12 @@ def _prefill_kernel(layer_ref, pt_ref, lens_ref, cu_ref, bseq_ref, bstart_ref, q
         o = o * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return o, m_new, l
 
-    init = (jnp.zeros((block_q, D), jnp.float32), jnp.full((block_q,), _NEG, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
+    init = (jnp.zeros((R, D), jnp.float32), jnp.full((R,), _NEG, jnp.float32), jnp.zeros((R,), jnp.float32))
     carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
     o, m, l = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), carry)
     has = l > 0
     o = jnp.where(has[:, None], o / jnp.where(has, l, 1.0)[:, None], 0.0)
-    plgpu.store(o_ref.at[rows[:, None], h, d], o.astype(o_ref.dtype), mask=rmask)
+    plgpu.store(o_ref.at[rows, heads, d], o.astype(o_ref.dtype), mask=rmask)
 
 
 def prefill_blocks(cu_q_lens, num_blocks: int, block_q: int):
@@ -248,18 +257,22 @@ def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_
         return ref.paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_lens,
                                            max_q_len=max_q_len, scale=scale)
     B = page_table.shape[0]
-    block_q = min(block_q, max(_MIN_ROWS, _pow2(max_q_len)))
-    NB = -(-T // block_q) + B  # every sequence may leave one partial block
+    G = H // KV
+    Gp = _pow2(G)
+    # block_q rows of the tile hold block_q // Gp tokens x Gp heads; short chunks get fewer tokens
+    block_t = max(1, min(block_q // Gp, _pow2(max_q_len)))
+    block_t = max(block_t, -(-_MIN_ROWS // Gp))
+    NB = -(-T // block_t) + B  # every sequence may leave one partial block
     cu = cu_q_lens.astype(jnp.int32)
-    bseq, bstart = prefill_blocks(cu, NB, block_q)
-    kernel = functools.partial(_prefill_kernel, G=H // KV, block_q=block_q, block_k=block_k,
+    bseq, bstart = prefill_blocks(cu, NB, block_t)
+    kernel = functools.partial(_prefill_kernel, G=G, Gp=Gp, block_t=block_t, block_k=block_k,
                                scale=float(scale))
     out = _call(
         kernel,
         (_scalar(layer), page_table.astype(jnp.int32), kv_lens.astype(jnp.int32), cu, bseq, bstart,
          q, k_pool, v_pool),
         jax.ShapeDtypeStruct((T, H, D), q.dtype),
-        grid=(NB, H), name=f"paged_prefill_bq{block_q}_bk{block_k}",
+        grid=(NB, KV), name=f"paged_prefill_bt{block_t}_g{Gp}_bk{block_k}",
         params=_params(num_warps, num_stages), poison=poison)
     # Padding tokens (past the last sequence) belong to no block: zeros, like the reference.
     return jnp.where((jnp.arange(T) < cu[-1])[:, None, None], out, jnp.zeros((), q.dtype))

@@ -231,9 +231,9 @@ def sweep(bw, fl):
     perm = np.random.default_rng(0).permutation(np.arange(1, P + 1)).astype(np.int32)
     kp = jax.random.normal(jax.random.key(4), (1, P + 1, S, 8, D), jnp.bfloat16)
     flops = 4 * T * T / 2 * H * D
-    print("prefill T=4096 sweep: block_q block_k warps stages -> ms TFLOP/s")
-    for bq, bk, w, st in [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
-                          (64, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)]:
+    print("prefill T=4096 sweep: block_q (rows: tokens x 4 heads) block_k warps stages -> ms TFLOP/s")
+    for bq, bk, w, st in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
+                          (128, 128, 8, 2), (128, 128, 8, 3), (256, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 3)]:
         try:
             f = jax.jit(lambda q, k: pk.paged_prefill_attention(
                 q, k, k, 0, jnp.asarray(perm)[None], jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32),

@@ -48,7 +48,8 @@ def _decode_case(S, G, D, dtype, lens, KV=2, seed=0, **kw):
     q = jnp.asarray(rng.standard_normal((len(lens), G * KV, D)), dtype)
     kl = jnp.asarray(lens, jnp.int32)
     got = pk.paged_decode_attention(q, k, v, 1, table, kl, scale=D ** -0.5, poison=True, **kw)
-    want = ref.paged_decode_attention(q, k, v, 1, table, kl, scale=D ** -0.5)
+    with jax.default_matmul_precision("highest"):  # XLA on GPU would use TF32 for float32
+        want = ref.paged_decode_attention(q, k, v, 1, table, kl, scale=D ** -0.5)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert _rel(got, want) < TOL[dtype]
 
@@ -98,7 +99,8 @@ def _prefill_case(S, G, D, dtype, seqs, KV=2, seed=1, pad=5, **kw):
     args = (q, k, v, 1, table, jnp.asarray(cu), jnp.asarray(kv_lens, jnp.int32))
     mq = max(q_lens)
     got = pk.paged_prefill_attention(*args, max_q_len=mq, scale=D ** -0.5, poison=True, **kw)
-    want = ref.paged_prefill_attention(*args, max_q_len=mq, scale=D ** -0.5)
+    with jax.default_matmul_precision("highest"):
+        want = ref.paged_prefill_attention(*args, max_q_len=mq, scale=D ** -0.5)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert _rel(got, want) < TOL[dtype]
     assert np.all(np.asarray(got[cu[-1]:], np.float32) == 0)

@@ -54,7 +54,7 @@ class EngineConfig:
     max_model_len: int = 0  # 0 = model's max_position_embeddings
     # Smallest bucket for token counts and batch sizes.
     min_bucket: int = 8
-    attention_backend: str = "reference"  # reference | auto
+    attention_backend: str = "auto"  # auto (pallas on a GPU, reference elsewhere) | reference | pallas
     # Who allocates the KV pool on a GPU: auto | xla | cuda_malloc (see toolkit/cache/pool.py)
     kv_alloc: str = "auto"
     # After a prefill step, run a decode step before the next prefill when both

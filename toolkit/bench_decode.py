@@ -1,0 +1,169 @@
+"""End-to-end decode benchmark against the memory roofline (kernels issue).
+
+    python3 -m toolkit.bench_decode                       # Llama-3-8B shape, GPU
+    python3 -m toolkit.bench_decode --small --batch 1 4   # tiny shape, CPU smoke run
+
+A Llama-3-8B-shaped model with random bf16 weights (made on the device, no download)
+runs in the engine. For each batch size B, B random prompts of --ctx tokens are
+prefilled, then --steps decode steps are timed. The roofline of one decode step is the
+bytes it must read (every weight once, plus each sequence's K/V) over the copy bandwidth
+measured in the same run. The device time of one step is measured by issuing the jitted
+step back to back with the same inputs (the device never waits for the host); the host
+overhead is the engine's step time minus that (time the device sits idle between steps:
+scheduling, input building, reading back sampled tokens). Prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from toolkit.config.schema import EngineConfig
+from toolkit.engine.engine import Engine
+from toolkit.engine.request import SamplingParams
+from toolkit.models.checkpoint import Checkpoint
+from toolkit.models.random_init import byte_tokenizer
+from toolkit.models.spec import ModelArgs, check_weights
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                 num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5,
+                 tie_word_embeddings=False, max_position_embeddings=8192)
+SMALL = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
+             num_kv_heads=2, head_dim=32, tie_word_embeddings=False, max_position_embeddings=4096)
+
+
+def device_random_checkpoint(args: ModelArgs, dtype, seed: int = 0) -> Checkpoint:
+    """Random weights made directly on the device in ``dtype`` (an 8B model in seconds),
+    scaled like a trained model (std 1/sqrt(fan_in))."""
+    key = iter(jax.random.split(jax.random.key(seed), 16))
+    L, D, F, V = args.num_layers, args.hidden_size, args.intermediate_size, args.vocab_size
+    qd, kd = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+
+    def normal(*shape, std=None):
+        std = shape[-2] ** -0.5 if std is None else std
+        return (jax.random.normal(next(key), shape, dtype) * jnp.asarray(std, dtype)).astype(dtype)
+
+    ones = lambda *shape: jnp.ones(shape, dtype)  # noqa: E731
+    w = {"embed": normal(V, D, std=1.0), "final_norm": ones(D), "attn_norm": ones(L, D),
+         "wq": normal(L, D, qd), "wk": normal(L, D, kd), "wv": normal(L, D, kd), "wo": normal(L, qd, D),
+         "mlp_norm": ones(L, D), "w_gate": normal(L, D, F), "w_up": normal(L, D, F), "w_down": normal(L, F, D)}
+    if not args.tie_word_embeddings:
+        w["lm_head"] = normal(D, V)
+    check_weights(args, w)
+    return Checkpoint(args=args, weights=w, tokenizer=byte_tokenizer())
+
+
+def copy_bandwidth(nbytes: int) -> float:
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+    jax.block_until_ready(f(x))
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        outs = [f(x) for _ in range(5)]
+        jax.block_until_ready(outs[-1])
+        best = max(best, 2 * nbytes * 5 / (time.perf_counter() - t0))
+        del outs
+    return best
+
+
+def step_bytes(args: ModelArgs, weights: dict, B: int, ctx: int, itemsize: int) -> int:
+    """Bytes one decode step must read: every weight once (the embedding table only for
+    the B rows it looks up) plus each sequence's K and V in every layer."""
+    w = sum(int(x.size) for k, x in weights.items() if k != "embed") * itemsize
+    w += B * args.hidden_size * itemsize
+    kv = 2 * B * ctx * args.num_layers * args.num_kv_heads * args.head_dim * itemsize
+    return w + kv
+
+
+def run(args: ModelArgs, ckpt: Checkpoint, backend: str, batches, ctx: int, steps: int, dtype, bw: float,
+        page_size: int = 16) -> list[dict]:
+    maxB = max(batches)
+    pages = maxB * -(-(ctx + steps + 8) // page_size) + 8
+    ecfg = EngineConfig(page_size=page_size, num_pages=pages, memory_fraction=0.0, max_batch_size=maxB,
+                        chunk_size=min(8192, maxB * ctx), max_prefill_seqs=16, max_model_len=ctx + steps + 16,
+                        min_bucket=1, attention_backend=backend)
+    eng = Engine(ckpt, ecfg, dtype)
+    runner = eng.runner
+    last = {}
+    orig_fn = runner._fn
+
+    def spy(*a, **kw):  # remember the last decode step's inputs for the device-only timing
+        if kw.get("max_q_len") == 1:
+            last["args"], last["kw"] = a, kw
+        return orig_fn(*a, **kw)
+
+    runner._fn = spy
+    rng = np.random.default_rng(0)
+    rows = []
+    for B in tqdm(batches, desc=f"{backend}: batch sizes", file=sys.stderr):
+        params = SamplingParams(max_new_tokens=steps + 3, ignore_eos=True)
+        seqs = [eng.add_request(list(rng.integers(300, args.vocab_size - 10, ctx)), params) for _ in range(B)]
+        while any(len(s.output_ids) < 2 for s in seqs):  # prefill, plus one decode step to compile
+            eng.step()
+        comp0 = orig_fn._cache_size()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            eng.step()
+            times.append(time.perf_counter() - t0)
+        eng.run_until_done()
+        for s in seqs:
+            eng.seqs.pop(s.request_id, None)
+        step_s = float(np.median(times))
+        # Device-only: the same jitted decode step issued back to back, pool threaded through.
+        a, kw = last["args"], last["kw"]
+        state, _, _, inp, samp = a  # (the pools it was given are donated: use the live ones)
+        kp, vp = runner.pool.k, runner.pool.v
+        n = 10
+        for rep in range(2):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                tok, _, kp, vp = orig_fn(state, kp, vp, inp, samp, **kw)
+            jax.block_until_ready(tok)
+            dev_s = (time.perf_counter() - t0) / n
+        runner.pool.k, runner.pool.v = kp, vp
+        roof = step_bytes(args, ckpt.weights, B, ctx + steps // 2, jnp.dtype(dtype).itemsize) / bw
+        rows.append(dict(backend=backend, batch=B, step_ms=step_s * 1e3, device_ms=dev_s * 1e3,
+                         host_ms=(step_s - dev_s) * 1e3, roofline_ms=roof * 1e3, tok_s=B / step_s,
+                         vs_roofline=step_s / roof, device_vs_roofline=dev_s / roof,
+                         new_compiles_while_timed=orig_fn._cache_size() - comp0,
+                         compilations=orig_fn._cache_size(), compile_s=runner.compile_seconds))
+        assert eng.allocator.all_free()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="tiny model shape (CPU smoke run)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--backends", nargs="+", default=["auto", "reference"])
+    a = ap.parse_args()
+    on_gpu = jax.devices()[0].platform == "gpu"
+    dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    args = ModelArgs(**(SMALL if a.small else LLAMA3_8B))
+    bw = copy_bandwidth((1 << 31) if on_gpu else (1 << 24))
+    ckpt = device_random_checkpoint(args, dtype)
+    nparams = sum(int(x.size) for x in ckpt.weights.values())
+    rows = []
+    for backend in a.backends:
+        rows += run(args, ckpt, backend, a.batch, a.ctx, a.steps, dtype, bw)
+    print(f"device: {jax.devices()[0].device_kind}; model: {nparams / 1e9:.2f}B params, "
+          f"{jnp.dtype(dtype).name}, ctx {a.ctx}; copy bandwidth {bw / 1e12:.2f} TB/s (same run)")
+    cols = ["backend", "batch", "tok_s", "step_ms", "device_ms", "host_ms", "roofline_ms", "vs_roofline",
+            "device_vs_roofline", "new_compiles_while_timed", "compilations", "compile_s"]
+    print(" ".join(f"{c:>12}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{r[c]:>12.3f}" if isinstance(r[c], float) else f"{r[c]:>12}" for c in cols))
+
+
+if __name__ == "__main__":
+    main()
