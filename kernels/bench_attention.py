@@ -216,8 +216,8 @@ def sweep(bw, fl):
     q, k, v, pt, lens = decode_case(64, 2048)
     kv_bytes = 2 * 64 * 2048 * 8 * 128 * 2
     print("decode B=64 ctx=2048 sweep: block_k num_splits warps stages -> ms ratio")
-    for bk, ns, w, st in [(64, None, 4, 2), (64, None, 4, 3), (128, None, 4, 2), (128, None, 8, 2),
-                          (32, None, 4, 3), (64, 1, 4, 2), (64, 4, 4, 2), (128, 4, 4, 3), (256, None, 8, 2)]:
+    for bk, ns, w, st in [(64, None, 4, 2), (64, 1, 4, 3), (128, 1, 4, 2), (128, 1, 8, 3), (32, 1, 4, 3),
+                          (64, 1, 2, 3), (64, 2, 4, 2), (256, 1, 8, 2)]:
         try:
             f = jax.jit(lambda q, k, v, pt, l: pk.paged_decode_attention(
                 q, k, v, 0, pt, l, scale=0.088, block_k=bk, num_splits=ns, num_warps=w, num_stages=st))
@@ -232,8 +232,8 @@ def sweep(bw, fl):
     kp = jax.random.normal(jax.random.key(4), (1, P + 1, S, 8, D), jnp.bfloat16)
     flops = 4 * T * T / 2 * H * D
     print("prefill T=4096 sweep: block_q (rows: tokens x 4 heads) block_k warps stages -> ms TFLOP/s")
-    for bq, bk, w, st in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
-                          (128, 128, 8, 2), (128, 128, 8, 3), (256, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 3)]:
+    for bq, bk, w, st in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3),
+                          (256, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 256, 8, 3)]:
         try:
             f = jax.jit(lambda q, k: pk.paged_prefill_attention(
                 q, k, k, 0, jnp.asarray(perm)[None], jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32),
