@@ -100,6 +100,22 @@ def run(args: ModelArgs, ckpt: Checkpoint, backend: str, batches, ctx: int, step
         return orig_fn(*a, **kw)
 
     runner._fn = spy
+    spent: dict[str, float] = {}
+
+    def timed(obj, name):  # wall time of the host-side parts of a step
+        fn = getattr(obj, name)
+
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+        setattr(obj, name, wrapper)
+
+    timed(eng.scheduler, "schedule")
+    timed(runner, "_prepare")
+    timed(runner, "run")
     rng = np.random.default_rng(0)
     rows = []
     for B in tqdm(batches, desc=f"{backend}: batch sizes", file=sys.stderr):
@@ -108,11 +124,13 @@ def run(args: ModelArgs, ckpt: Checkpoint, backend: str, batches, ctx: int, step
         while any(len(s.output_ids) < 2 for s in seqs):  # prefill, plus one decode step to compile
             eng.step()
         comp0 = orig_fn._cache_size()
+        spent.clear()
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
             eng.step()
             times.append(time.perf_counter() - t0)
+        parts = {k: v / steps * 1e3 for k, v in spent.items()}
         eng.run_until_done()
         for s in seqs:
             eng.seqs.pop(s.request_id, None)
@@ -134,7 +152,9 @@ def run(args: ModelArgs, ckpt: Checkpoint, backend: str, batches, ctx: int, step
                          host_ms=(step_s - dev_s) * 1e3, roofline_ms=roof * 1e3, tok_s=B / step_s,
                          vs_roofline=step_s / roof, device_vs_roofline=dev_s / roof,
                          new_compiles_while_timed=orig_fn._cache_size() - comp0,
-                         compilations=orig_fn._cache_size(), compile_s=runner.compile_seconds))
+                         compilations=orig_fn._cache_size(), compile_s=runner.compile_seconds,
+                         schedule_ms=parts.get("schedule", 0.0), prepare_ms=parts.get("_prepare", 0.0),
+                         run_ms=parts.get("run", 0.0)))
         assert eng.allocator.all_free()
     return rows
 
@@ -159,7 +179,8 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind}; model: {nparams / 1e9:.2f}B params, "
           f"{jnp.dtype(dtype).name}, ctx {a.ctx}; copy bandwidth {bw / 1e12:.2f} TB/s (same run)")
     cols = ["backend", "batch", "tok_s", "step_ms", "device_ms", "host_ms", "roofline_ms", "vs_roofline",
-            "device_vs_roofline", "new_compiles_while_timed", "compilations", "compile_s"]
+            "device_vs_roofline", "schedule_ms", "prepare_ms", "run_ms", "new_compiles_while_timed",
+            "compilations", "compile_s"]
     print(" ".join(f"{c:>12}" for c in cols))
     for r in rows:
         print(" ".join(f"{r[c]:>12.3f}" if isinstance(r[c], float) else f"{r[c]:>12}" for c in cols))
