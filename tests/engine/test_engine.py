@@ -158,3 +158,12 @@ def test_bad_requests_rejected(tiny_ckpt, make_engine):
     with pytest.raises(ValueError, match="empty"):
         e.add_request([])
     assert not e.has_unfinished()
+
+
+def test_unrolled_layers_equal_scanned_layers(tiny_ckpt, make_engine):
+    """The per-layer weight layout (GPU default) computes what the stacked scan computes."""
+    ps = prompts(3, seed=11)
+    want = [o.token_ids for o in make_engine(tiny_ckpt, layer_loop="scan").generate(ps, GREEDY)]
+    e = make_engine(tiny_ckpt, layer_loop="unroll")
+    assert "wq_1" in e.runner.state["layers"] and "wq" not in e.runner.state["layers"]
+    assert [o.token_ids for o in e.generate(ps, GREEDY)] == want

@@ -57,6 +57,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (pallas on a GPU, reference elsewhere) | reference | pallas
     # Who allocates the KV pool on a GPU: auto | xla | cuda_malloc (see toolkit/cache/pool.py)
     kv_alloc: str = "auto"
+    # auto: unroll on a GPU (one weight array per layer; a scan copies each layer's weights,
+    # 3x the weight traffic), scan elsewhere (one compiled layer body) | scan | unroll
+    layer_loop: str = "auto"
     # After a prefill step, run a decode step before the next prefill when both
     # are pending, so running requests keep streaming while prompts arrive.
     interleave_decode: bool = True

@@ -63,6 +63,7 @@ def validate_engine(e) -> None:
               f"x engine.page_size={ps} holds {capacity} tokens (page 0 is reserved)")
     _one_of("engine.attention_backend", e.attention_backend, ATTENTION_CHOICES)
     _one_of("engine.kv_alloc", e.kv_alloc, KV_ALLOC)
+    _one_of("engine.layer_loop", e.layer_loop, ("auto", "scan", "unroll"))
 
 
 def validate(cfg) -> None:

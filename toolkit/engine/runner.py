@@ -45,7 +45,8 @@ class ModelRunner:
                  dtype, num_pages: int, max_model_len: int):
         self.args = args
         self.page_size = ecfg.page_size
-        self.graphdef, self.state = nnx.split(Llama(args, weights, dtype))
+        unroll = ecfg.layer_loop == "unroll" or (ecfg.layer_loop == "auto" and jax.devices()[0].platform == "gpu")
+        self.graphdef, self.state = nnx.split(Llama(args, weights, dtype, unroll_layers=unroll))
         self.pool = KVPool(PoolLayout.for_model(args, num_pages, ecfg.page_size, dtype), alloc=ecfg.kv_alloc)
         self._pool_ptrs = self.pool.buffer_pointers()
         max_pages = math.ceil(max_model_len / ecfg.page_size)

@@ -1,8 +1,12 @@
 """Llama-family decoder in Flax NNX, run as a pure function over split state.
 
-Layer weights are stacked on a leading axis and the forward pass scans them,
-so one layer body is compiled whatever the depth. The KV pool rides in the
-scan carry and is updated in place (the caller donates it).
+Two layouts of the layer weights (``Llama(..., unroll_layers=...)``):
+- stacked on a leading axis and scanned: one layer body is compiled whatever the
+  depth (fast compiles; the CPU default);
+- one array per layer and an unrolled loop: on a GPU, XLA copies each scanned layer's
+  weight slice before its matmuls (read + write + read: 3x the weight traffic, measured
+  12.3 ms vs 3.7 ms of roofline for an 8B decode step), so the GPU default unrolls.
+The KV pool rides in the carry and is updated in place (the caller donates it).
 """
 
 from __future__ import annotations
@@ -48,11 +52,27 @@ class Layers(nnx.Module):
                 setattr(self, k, nnx.Param(jnp.asarray(weights[k], dtype)))
 
 
+class LayerList(nnx.Module):
+    """The same weights, one array per layer (attributes ``<key>_<layer>``)."""
+
+    def __init__(self, weights: dict[str, np.ndarray], num_layers: int, dtype):
+        self.num_layers = num_layers
+        for k in LAYER_KEYS + OPTIONAL_LAYER_KEYS:
+            if k in weights:
+                for i in range(num_layers):
+                    setattr(self, f"{k}_{i}", nnx.Param(jnp.asarray(weights[k][i], dtype)))
+
+    def layer(self, i: int) -> dict[str, jax.Array]:
+        return {k: getattr(self, f"{k}_{i}")[...] for k in LAYER_KEYS + OPTIONAL_LAYER_KEYS
+                if hasattr(self, f"{k}_{i}")}
+
+
 class Llama(nnx.Module):
-    def __init__(self, args: ModelArgs, weights: dict[str, np.ndarray], dtype=jnp.float32):
+    def __init__(self, args: ModelArgs, weights: dict[str, np.ndarray], dtype=jnp.float32,
+                 unroll_layers: bool = False):
         self.args = args
         self.embed = nnx.Param(jnp.asarray(weights["embed"], dtype))  # [V, D]
-        self.layers = Layers(weights, dtype)
+        self.layers = LayerList(weights, args.num_layers, dtype) if unroll_layers else Layers(weights, dtype)
         self.final_norm = nnx.Param(jnp.asarray(weights["final_norm"], dtype))
         self.lm_head = None if args.tie_word_embeddings else nnx.Param(jnp.asarray(weights["lm_head"], dtype))
 
@@ -95,8 +115,13 @@ def forward(graphdef, state, k_pool, v_pool, inp: StepInputs, *, attn: Attention
         x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
         return (x, k_pool, v_pool, li + 1), None
 
-    (x, k_pool, v_pool, _), _ = jax.lax.scan(layer, (x, k_pool, v_pool, jnp.int32(0)),
-                                             _layer_params(model))
+    carry = (x, k_pool, v_pool, jnp.int32(0))
+    if isinstance(model.layers, LayerList):
+        for i in range(model.layers.num_layers):
+            carry, _ = layer(carry, model.layers.layer(i))
+    else:
+        carry, _ = jax.lax.scan(layer, carry, _layer_params(model))
+    x, k_pool, v_pool, _ = carry
     h = rms_norm(x[inp.logits_indices], model.final_norm[...], a.rms_norm_eps)  # [B, D]
     head = model.embed[...].T if model.lm_head is None else model.lm_head[...]
     logits = jnp.dot(h, head, preferred_element_type=jnp.float32)  # [B, V]
