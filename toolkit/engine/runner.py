@@ -10,7 +10,6 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -88,7 +87,8 @@ class ModelRunner:
         # would make them write into freed memory.
         assert self.pool.buffer_pointers() == self._pool_ptrs, "KV pool moved: donation failed"
         n = len(batch.seqs)
-        tok, lp = np.asarray(tok)[:n], np.asarray(lp)[:n]
+        tok, lp = jax.device_get((tok, lp))
+        tok, lp = tok[:n], lp[:n]
         if new_shape:  # first call of a shape: compile + one run, reported apart from serving time
             self.compile_seconds += time.perf_counter() - t0
         return tok, lp
@@ -120,18 +120,19 @@ class ModelRunner:
             off += k
             cu[i + 1], kv_lens[i], logits_idx[i] = off, start + k, off - 1
         cu[n + 1:] = off  # padding sequences: zero queries
-        inp = StepInputs(*(jnp.asarray(a) for a in (tokens, positions, slots, page_table, cu,
-                                                     kv_lens, logits_idx)))
+        # numpy, not device arrays: the jitted call moves them in one go (separate
+        # jnp.asarray calls cost ~0.2 ms each on a GPU, measured ~3 ms a step)
+        inp = StepInputs(tokens, positions, slots, page_table, cu, kv_lens, logits_idx)
         return inp, self._sampling(batch.seqs, B), max_q_len, any(
             s.params.temperature > 0 for s in batch.seqs)
 
     @staticmethod
     def _sampling(seqs: list[Sequence], B: int) -> SamplingInputs:
         pad = B - len(seqs)
-        col = lambda f, dt: jnp.asarray(np.asarray([f(s) for s in seqs] + [0] * pad, dt))
+        col = lambda f, dt: np.asarray([f(s) for s in seqs] + [0] * pad, dt)  # noqa: E731
         return SamplingInputs(
             temperature=col(lambda s: s.params.temperature, np.float32),
             top_k=col(lambda s: s.params.top_k, np.int32),
-            top_p=jnp.asarray(np.asarray([s.params.top_p for s in seqs] + [1.0] * pad, np.float32)),
+            top_p=np.asarray([s.params.top_p for s in seqs] + [1.0] * pad, np.float32),
             seeds=col(lambda s: s.seed, np.uint32),
             counters=col(lambda s: len(s.output_ids), np.int32))
