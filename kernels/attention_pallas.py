@@ -261,6 +261,8 @@ def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_
     B = page_table.shape[0]
     G = H // KV
     Gp = _pow2(G)
+    if jnp.dtype(q.dtype).itemsize >= 4:  # float32 tiles are twice the bytes: fit in shared memory
+        block_q, block_k, num_stages = min(block_q, 64), min(block_k, 64), min(num_stages, 2)
     # block_q rows of the tile hold block_q // Gp tokens x Gp heads; short chunks get fewer tokens
     block_t = max(1, min(block_q // Gp, _pow2(max_q_len)))
     block_t = max(block_t, -(-_MIN_ROWS // Gp))
