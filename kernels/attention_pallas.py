@@ -66,6 +66,14 @@ def _dot(a, b, *, trans_b=False):
     return plgpu.dot(a, b, trans_b=trans_b)
 
 
+def _online_softmax(o, m, l, s, v):
+    """One key block of flash attention: logits s (log2 units) [R, N], values v [N, D]."""
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    return o * alpha[:, None] + _dot(p.astype(v.dtype), v), m_new, l * alpha + p.sum(axis=1)
+
+
 def _params(num_warps, num_stages):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
@@ -114,13 +122,7 @@ def _decode_kernel(layer_ref, pt_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, lse_
         k = k_ref[layer, page, off, kvh, d]  # [block_k, D]
         v = v_ref[layer, page, off, kvh, d]
         s = _dot(q, k, trans_b=True)  # [Gp, block_k]
-        s = jnp.where(valid[None, :], s, _NEG)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        l = l * alpha + p.sum(axis=1)
-        o = o * alpha[:, None] + _dot(p.astype(v.dtype), v)
-        return o, m_new, l
+        return _online_softmax(o, m, l, jnp.where(valid[None, :], s, _NEG), v)
 
     init = (jnp.zeros((Gp, D), jnp.float32), jnp.full((Gp,), _NEG, jnp.float32),
             jnp.zeros((Gp,), jnp.float32))
@@ -221,12 +223,7 @@ def _prefill_kernel(layer_ref, pt_ref, lens_ref, cu_ref, bseq_ref, bstart_ref, q
         s = _dot(q, k, trans_b=True)  # [R, block_k]
         if masked:
             s = jnp.where((kt[None, :] <= pos[:, None]) & (kt[None, :] < n), s, _NEG)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        l = l * alpha + p.sum(axis=1)
-        o = o * alpha[:, None] + _dot(p.astype(v.dtype), v)
-        return o, m_new, l
+        return _online_softmax(o, m, l, s, v)
 
     init = (jnp.zeros((R, D), jnp.float32), jnp.full((R,), _NEG, jnp.float32), jnp.zeros((R,), jnp.float32))
     carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
