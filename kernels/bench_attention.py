@@ -41,19 +41,20 @@ def bench(fn, *args, warmup=3, iters=20, reps=5) -> float:
     return float(np.median(times))
 
 
-def ceilings(quick: bool) -> tuple[list, float, float]:
-    """Copy ceiling = the best of an XLA copy and (where present) torch's device copy."""
-    rows = []
-    n = (1 << 20) if quick else (1 << 31)  # bytes
-    x = jax.random.normal(jax.random.key(0), (n // 2,), jnp.bfloat16)
+def copy_ceilings(nbytes: int, torch_copy: bool = True) -> list[tuple[str, float, float]]:
+    """(name, seconds, bytes/s counting read + write) of a large device-to-device copy:
+    an XLA copy and, on a GPU where torch is present, torch's ``copy_``. The bandwidth
+    ceiling of every benchmark is the best of them."""
+    out = []
+    x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
     t = bench(jax.jit(lambda a: a * jnp.bfloat16(1.0001)), x, iters=10)
-    rows.append(("ceiling", "device copy, XLA (read+write)", t, 2 * n / t / 1e12, 0))
+    out.append(("device copy, XLA (read+write)", t, 2 * nbytes / t))
     del x
-    if not quick and jax.devices()[0].platform == "gpu":
+    if torch_copy and jax.devices()[0].platform == "gpu":
         try:
             import torch
 
-            a = torch.empty(n // 2, dtype=torch.bfloat16, device="cuda").normal_()
+            a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
             b = torch.empty_like(a)
             for _ in range(3):
                 b.copy_(a)
@@ -66,19 +67,25 @@ def ceilings(quick: bool) -> tuple[list, float, float]:
                 torch.cuda.synchronize()
                 ts.append((time.perf_counter() - t0) / 10)
             t = float(np.median(ts))
-            rows.append(("ceiling", "device copy, torch (read+write)", t, 2 * n / t / 1e12, 0))
+            out.append(("device copy, torch (read+write)", t, 2 * nbytes / t))
             del a, b
             torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001 -- torch is optional
             print(f"torch copy skipped: {e}")
-    bw = max(r[3] for r in rows) * 1e12
+    return out
+
+
+def ceilings(quick: bool) -> tuple[list, float, float]:
+    """Copy ceiling (best of copy_ceilings) and the bf16 matmul ceiling, as table rows."""
+    copies = copy_ceilings((1 << 20) if quick else (1 << 31), torch_copy=not quick)
+    bw = max(b for _, _, b in copies)
+    rows = [("ceiling", name, t, b / 1e12, b / bw) for name, t, b in copies]
     m = 512 if quick else 8192
     a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
     t = bench(jax.jit(lambda p, q: p @ q), a, b)
     fl = 2 * m ** 3 / t
     rows.append(("ceiling", "bf16 matmul", t, fl / 1e12, 1.0))
-    rows = [(c, i, t, r, r * 1e12 / bw if "copy" in i else ratio) for c, i, t, r, ratio in rows]
     return rows, bw, fl
 
 

@@ -7,7 +7,8 @@ A Llama-3-8B-shaped model with random bf16 weights (made on the device, no downl
 runs in the engine. For each batch size B, B random prompts of --ctx tokens are
 prefilled, then --steps decode steps are timed. The roofline of one decode step is the
 bytes it must read (every weight once, plus each sequence's K/V) over the copy bandwidth
-measured in the same run. The device time of one step is measured by issuing the jitted
+measured in the same run (the best of an XLA and a torch copy, as in kernels.bench_attention).
+The device time of one step is measured by issuing the jitted
 step back to back with the same inputs (the device never waits for the host); the host
 overhead is the engine's step time minus that (time the device sits idle between steps:
 scheduling, input building, reading back sampled tokens). Prints a table last.
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from kernels.bench_attention import copy_ceilings
 from toolkit.config.schema import EngineConfig
 from toolkit.engine.engine import Engine
 from toolkit.engine.request import SamplingParams
@@ -57,20 +59,6 @@ def device_random_checkpoint(args: ModelArgs, dtype, seed: int = 0) -> Checkpoin
         w["lm_head"] = normal(D, V)
     check_weights(args, w)
     return Checkpoint(args=args, weights=w, tokenizer=byte_tokenizer())
-
-
-def copy_bandwidth(nbytes: int) -> float:
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
-    jax.block_until_ready(f(x))
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        outs = [f(x) for _ in range(5)]
-        jax.block_until_ready(outs[-1])
-        best = max(best, 2 * nbytes * 5 / (time.perf_counter() - t0))
-        del outs
-    return best
 
 
 def step_bytes(args: ModelArgs, weights: dict, B: int, ctx: int, itemsize: int) -> int:
@@ -178,7 +166,7 @@ def main() -> None:
     on_gpu = jax.devices()[0].platform == "gpu"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     args = ModelArgs(**(SMALL if a.small else LLAMA3_8B))
-    bw = copy_bandwidth((1 << 31) if on_gpu else (1 << 24))
+    bw = max(b for _, _, b in copy_ceilings((1 << 31) if on_gpu else (1 << 24)))  # same ceiling as the kernels
     ckpt = device_random_checkpoint(args, dtype)
     nparams = sum(int(x.size) for x in ckpt.weights.values())
     rows = []
