@@ -26,7 +26,9 @@ def no_alloc(monkeypatch):
     (dict(num_pages=1), "engine.num_pages=1"),
     (dict(chunk_size=5000, num_pages=64, page_size=4), "engine.chunk_size=5000 is larger than the pool"),
     (dict(max_batch_size=0), "engine.max_batch_size"),
-    (dict(attention_backend="flash9"), "engine.attention_backend='flash9' is not allowed; allowed values: auto, reference"),
+    (dict(attention_backend="flash9"),
+     "engine.attention_backend='flash9' is not allowed; allowed values: auto, reference, pallas"),
+    (dict(layer_loop="while"), "engine.layer_loop='while' is not allowed; allowed values: auto, scan, unroll"),
 ])
 def test_bad_engine_values(no_alloc, overrides, needle):
     """Guards against impossible engine settings crashing later (or silently) instead of at start."""

@@ -9,6 +9,7 @@ import os
 
 from kernels.attention import CHOICES as ATTENTION_CHOICES
 from toolkit.cache.pool import KV_ALLOC
+from toolkit.models.spec import LAYER_LOOPS
 
 MODEL_SOURCES = ("gguf", "hf", "orbax", "random")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -63,7 +64,7 @@ def validate_engine(e) -> None:
               f"x engine.page_size={ps} holds {capacity} tokens (page 0 is reserved)")
     _one_of("engine.attention_backend", e.attention_backend, ATTENTION_CHOICES)
     _one_of("engine.kv_alloc", e.kv_alloc, KV_ALLOC)
-    _one_of("engine.layer_loop", e.layer_loop, ("auto", "scan", "unroll"))
+    _one_of("engine.layer_loop", e.layer_loop, LAYER_LOOPS)
 
 
 def validate(cfg) -> None:

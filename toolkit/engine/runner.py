@@ -19,7 +19,7 @@ from toolkit.config.schema import EngineConfig
 from toolkit.engine.buckets import bucket, pow2_buckets
 from toolkit.engine.request import Sequence
 from toolkit.engine.sampler import SamplingInputs, sample
-from toolkit.models.llama import Llama, StepInputs, forward
+from toolkit.models.llama import Llama, StepInputs, forward, unroll_layers
 from toolkit.models.spec import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class ModelRunner:
                  dtype, num_pages: int, max_model_len: int):
         self.args = args
         self.page_size = ecfg.page_size
-        unroll = ecfg.layer_loop == "unroll" or (ecfg.layer_loop == "auto" and jax.devices()[0].platform == "gpu")
+        unroll = unroll_layers(ecfg.layer_loop, jax.devices()[0].platform)
         self.graphdef, self.state = nnx.split(Llama(args, weights, dtype, unroll_layers=unroll))
         self.pool = KVPool(PoolLayout.for_model(args, num_pages, ecfg.page_size, dtype), alloc=ecfg.kv_alloc)
         self._pool_ptrs = self.pool.buffer_pointers()

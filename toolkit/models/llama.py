@@ -20,7 +20,7 @@ from flax import nnx
 
 from kernels.attention import AttentionBackend
 from toolkit.models.rope import apply_rope, inv_frequencies
-from toolkit.models.spec import LAYER_KEYS, OPTIONAL_LAYER_KEYS, ModelArgs
+from toolkit.models.spec import LAYER_KEYS, LAYER_LOOPS, OPTIONAL_LAYER_KEYS, ModelArgs
 
 
 @jax.tree_util.register_dataclass
@@ -50,6 +50,13 @@ class Layers(nnx.Module):
         for k in LAYER_KEYS + OPTIONAL_LAYER_KEYS:
             if k in weights:
                 setattr(self, k, nnx.Param(jnp.asarray(weights[k], dtype)))
+
+
+def unroll_layers(layer_loop: str, platform: str) -> bool:
+    """engine.layer_loop -> per-layer arrays and an unrolled loop? (auto: on a GPU only)."""
+    if layer_loop not in LAYER_LOOPS:
+        raise ValueError(f"engine.layer_loop={layer_loop!r}; allowed: {', '.join(LAYER_LOOPS)}")
+    return layer_loop == "unroll" or (layer_loop == "auto" and platform == "gpu")
 
 
 class LayerList(nnx.Module):

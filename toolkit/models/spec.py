@@ -27,6 +27,8 @@ import numpy as np
 
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 OPTIONAL_LAYER_KEYS = ("bq", "bk", "bv")
+# engine.layer_loop: how forward runs the layers (see toolkit/models/llama.py)
+LAYER_LOOPS = ("auto", "scan", "unroll")
 
 
 @dataclasses.dataclass(frozen=True)
