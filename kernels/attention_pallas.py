@@ -91,9 +91,8 @@ def _call(kernel, args, out_shape, *, grid, name, params, poison=False, aliases=
         aliases = {n + i: i for i in range(len(outs))}
         inner = kernel
         kernel = lambda *refs: inner(*refs[:n], *refs[n + len(outs):])  # noqa: E731
-    res = pl.pallas_call(kernel, grid=grid, out_shape=out_shape, input_output_aliases=aliases or {},
-                         compiler_params=params, interpret=_interpret(), name=name)(*args)
-    return res
+    return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, input_output_aliases=aliases or {},
+                          compiler_params=params, interpret=_interpret(), name=name)(*args)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -154,7 +153,7 @@ def paged_decode_attention(q, k_pool, v_pool, layer, page_table, kv_lens, *, sca
                            num_stages: int = 2, poison: bool = False):
     """One query per sequence. q [B, H, Dh] -> [B, H, Dh]."""
     B, H, D = q.shape
-    _, P, S, KV, _ = k_pool.shape
+    S, KV = k_pool.shape[2:4]
     if not supported(D):
         return ref.paged_decode_attention(q, k_pool, v_pool, layer, page_table, kv_lens, scale=scale)
     G = H // KV
