@@ -11,13 +11,18 @@ measured in the same run (the best of an XLA and a torch copy, as in kernels.ben
 The device time of one step is measured by issuing the jitted
 step back to back with the same inputs (the device never waits for the host); the host
 overhead is the engine's step time minus that (time the device sits idle between steps:
-scheduling, input building, reading back sampled tokens). Prints a table last.
+scheduling, input building, dispatch, reading back sampled tokens). Each backend runs in
+both engine modes: ``overlap`` (step N+1 launched before step N's tokens are read, the
+default) and ``lockstep``. Prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import sys
+import tempfile
 import time
 
 import jax
@@ -27,6 +32,7 @@ from tqdm import tqdm
 
 from kernels.bench_attention import copy_ceilings
 from toolkit.config.schema import EngineConfig
+from toolkit.engine.buckets import bucket
 from toolkit.engine.engine import Engine
 from toolkit.engine.request import SamplingParams
 from toolkit.models.checkpoint import Checkpoint
@@ -70,13 +76,56 @@ def step_bytes(args: ModelArgs, weights: dict, B: int, ctx: int, itemsize: int) 
     return w + kv
 
 
+LEAD = 64  # most warm-up steps (prefill chunks interleaved with decode steps)
+TRACE_COLS = ("trace_busy_ms", "trace_idle_ms", "replay_trace_busy_ms", "replay_trace_idle_ms")
+
+
+def device_timeline(trace_dir: str, num_steps: int) -> dict:
+    """Busy and idle time of the GPU per engine step, from a profiler trace of ``num_steps``
+    steps: the union of kernel intervals on the device's streams over the traced window."""
+    import glob
+    from collections import Counter
+
+    from jax.profiler import ProfileData
+
+    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+    spans, by_name = [], Counter()
+    for plane in ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            evs = [(e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events]
+            print(f"trace: {plane.name} / {line.name}: {len(evs)} events", file=sys.stderr)
+            if line.name.startswith("Stream"):
+                spans += evs
+                for a, b, name in evs:
+                    by_name[name[:60]] += b - a
+    if not spans:
+        return {}
+    spans.sort()
+    busy, (cur_a, cur_b) = 0, spans[0][:2]
+    for a, b, _ in spans[1:]:
+        if a > cur_b:
+            busy, cur_a, cur_b = busy + cur_b - cur_a, a, b
+        else:
+            cur_b = max(cur_b, b)
+    busy += cur_b - cur_a
+    window = max(b for _, b, _ in spans) - spans[0][0]
+    top = ", ".join(f"{n} {t / num_steps / 1e6:.3f}" for n, t in by_name.most_common(6))
+    print(f"trace: top kernels (ms per step): {top}", file=sys.stderr)
+    return dict(trace_busy_ms=busy / num_steps / 1e6, trace_idle_ms=(window - busy) / num_steps / 1e6)
+
+
 def run(args: ModelArgs, ckpt: Checkpoint, backend: str, batches, ctx: int, steps: int, dtype, bw: float,
-        page_size: int = 16) -> list[dict]:
+        page_size: int = 16, overlap: bool = True, profile: bool = False, trace_steps: int = 0) -> list[dict]:
     maxB = max(batches)
-    pages = maxB * -(-(ctx + steps + 8) // page_size) + 8
+    # Requests prefilled early run ahead of the last ones by the warm-up steps (< LEAD):
+    # each can take LEAD + steps tokens, so no request finishes while steps are timed.
+    most_new = LEAD + steps + trace_steps
+    pages = maxB * -(-(ctx + most_new + 8) // page_size) + 8
     ecfg = EngineConfig(page_size=page_size, num_pages=pages, memory_fraction=0.0, max_batch_size=maxB,
-                        chunk_size=min(8192, maxB * ctx), max_prefill_seqs=16, max_model_len=ctx + steps + 16,
-                        min_bucket=1, attention_backend=backend)
+                        chunk_size=min(8192, maxB * ctx), max_prefill_seqs=16, max_model_len=ctx + most_new + 16,
+                        min_bucket=1, attention_backend=backend, overlap_schedule=overlap)
     eng = Engine(ckpt, ecfg, dtype)
     runner = eng.runner
     last = {}
@@ -103,54 +152,107 @@ def run(args: ModelArgs, ckpt: Checkpoint, backend: str, batches, ctx: int, step
 
     timed(eng.scheduler, "schedule")
     timed(runner, "_prepare")
-    timed(runner, "run")
+    timed(runner, "launch")
+    timed(runner, "collect")
     rng = np.random.default_rng(0)
     rows = []
-    for B in tqdm(batches, desc=f"{backend}: batch sizes", file=sys.stderr):
-        params = SamplingParams(max_new_tokens=steps + 3, ignore_eos=True)
+    mode = "overlap" if overlap else "lockstep"
+    for B in tqdm(batches, desc=f"{backend}, {mode}: batch sizes", file=sys.stderr):
+        params = SamplingParams(max_new_tokens=most_new, ignore_eos=True)
         seqs = [eng.add_request(list(rng.integers(300, args.vocab_size - 10, ctx)), params) for _ in range(B)]
+        warmup = 0
         while any(len(s.output_ids) < 2 for s in seqs):  # prefill, plus one decode step to compile
             eng.step()
+            warmup += 1
+        assert warmup < LEAD, f"warm-up took {warmup} steps"
+        ctx0 = np.mean([s.num_computed for s in seqs])
+        last.clear()
         comp0 = orig_fn._cache_size()
         spent.clear()
         times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            eng.step()
-            times.append(time.perf_counter() - t0)
+        prof = cProfile.Profile() if profile and B == max(batches) else None
+        if prof:
+            prof.enable()
+        with jax.log_compiles(True):  # any compile here is a bug in the shape bucketing
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                eng.step()
+                times.append(time.perf_counter() - t0)
+        if prof:
+            prof.disable()
+            print(f"--- host profile, {backend} {mode} B={B}, {steps} steps", file=sys.stderr)
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(15)
         parts = {k: v / steps * 1e3 for k, v in spent.items()}
-        timed_call = dict(last)  # a full-batch step (requests finish staggered afterwards)
-        eng.run_until_done()
+        ctx_mean = (ctx0 + np.mean([s.num_computed for s in seqs])) / 2
+        timed_call = dict(last)  # the last timed step: every request in it
+        assert timed_call["args"][3].kv_lens.shape[0] == bucket(B, runner.batch_buckets)
+        assert all(not s.is_finished for s in seqs), "a request finished while steps were timed"
+        traced = {}
+        if trace_steps:  # after the timed steps: the profiler slows the host (no GPU plane on CPU)
+            tdir = tempfile.mkdtemp()
+            jax.profiler.start_trace(tdir)
+            for _ in range(trace_steps):
+                eng.step()
+            eng.sync()
+            jax.profiler.stop_trace()
+            traced = device_timeline(tdir, trace_steps)
         for s in seqs:
+            eng.abort(s.request_id)
             eng.seqs.pop(s.request_id, None)
+        eng.sync()
         step_s = float(np.median(times))
         # Device-only: the same jitted decode step issued back to back, pool threaded through.
         a, kw = timed_call["args"], timed_call["kw"]
-        state, _, _, inp, samp = a  # (the pools it was given are donated: use the live ones)
+        state, _, _, inp, samp, feed, prev_tok = a  # (its pools were donated: use the live ones)
         kp, vp = runner.pool.k, runner.pool.v
         n = 10
         for rep in range(2):
-            t0 = time.perf_counter()
+            t0, disp = time.perf_counter(), 0.0
             for _ in range(n):
-                tok, _, kp, vp = orig_fn(state, kp, vp, inp, samp, **kw)
+                t1 = time.perf_counter()
+                tok, _, kp, vp = orig_fn(state, kp, vp, inp, samp, feed, prev_tok, **kw)
+                disp += time.perf_counter() - t1  # host time until the call returns
             jax.block_until_ready(tok)
             dev_s = (time.perf_counter() - t0) / n
         # The same call waited on every time (what the engine does, minus its host work).
         t0 = time.perf_counter()
         for _ in range(n):
-            tok, lp, kp, vp = orig_fn(state, kp, vp, inp, samp, **kw)
+            tok, lp, kp, vp = orig_fn(state, kp, vp, inp, samp, feed, prev_tok, **kw)
             jax.device_get((tok, lp))
         synced_s = (time.perf_counter() - t0) / n
+        # Pipelined as the overlapped engine does (call N+1, then read N's tokens), with
+        # the next call's tokens fed from the previous call's samples on the device.
+        feed_all = np.arange(inp.tokens.shape[0], dtype=np.int32)
+        prev = orig_fn(state, kp, vp, inp, samp, feed_all, prev_tok, **kw)
+        kp, vp = prev[2], prev[3]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            cur = orig_fn(state, kp, vp, inp, samp, feed_all, prev[0], **kw)
+            kp, vp = cur[2], cur[3]
+            jax.device_get((prev[0], prev[1]))
+            prev = cur
+        jax.device_get(prev[:2])
+        pipelined_s = (time.perf_counter() - t0) / n
+        if trace_steps:  # the replay's device time under the same profiler as the engine's
+            tdir = tempfile.mkdtemp()
+            jax.profiler.start_trace(tdir)
+            for _ in range(n):
+                tok, _, kp, vp = orig_fn(state, kp, vp, inp, samp, feed, prev_tok, **kw)
+            jax.block_until_ready(tok)
+            jax.profiler.stop_trace()
+            traced.update({f"replay_{k}": v for k, v in device_timeline(tdir, n).items()})
         runner.pool.k, runner.pool.v = kp, vp
-        roof = step_bytes(args, ckpt.weights, B, ctx + steps // 2, jnp.dtype(dtype).itemsize) / bw
-        rows.append(dict(backend=backend, batch=B, step_ms=step_s * 1e3, device_ms=dev_s * 1e3,
-                         synced_call_ms=synced_s * 1e3,
+        roof = step_bytes(args, ckpt.weights, B, ctx_mean, jnp.dtype(dtype).itemsize) / bw
+        rows.append(dict(backend=backend, mode=mode, batch=B, step_ms=step_s * 1e3, device_ms=dev_s * 1e3,
+                         synced_call_ms=synced_s * 1e3, pipelined_call_ms=pipelined_s * 1e3,
+                         dispatch_ms=disp / n * 1e3,
                          host_ms=(step_s - dev_s) * 1e3, roofline_ms=roof * 1e3, tok_s=B / step_s,
                          vs_roofline=step_s / roof, device_vs_roofline=dev_s / roof,
                          new_compiles_while_timed=orig_fn._cache_size() - comp0,
                          compilations=orig_fn._cache_size(), compile_s=runner.compile_seconds,
                          schedule_ms=parts.get("schedule", 0.0), prepare_ms=parts.get("_prepare", 0.0),
-                         run_ms=parts.get("run", 0.0)))
+                         launch_ms=parts.get("launch", 0.0), collect_ms=parts.get("collect", 0.0),
+                         **{**{k: float("nan") for k in TRACE_COLS}, **traced}))
         assert eng.allocator.all_free()
     return rows
 
@@ -162,6 +264,10 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--backends", nargs="+", default=["auto", "reference"])
+    ap.add_argument("--modes", nargs="+", default=["overlap", "lockstep"], choices=["overlap", "lockstep"])
+    ap.add_argument("--profile", action="store_true", help="cProfile the timed steps of the largest batch")
+    ap.add_argument("--trace-steps", type=int, default=8,
+                    help="after the timed steps, trace this many with the JAX profiler (GPU): device busy/idle")
     a = ap.parse_args()
     on_gpu = jax.devices()[0].platform == "gpu"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
@@ -171,11 +277,14 @@ def main() -> None:
     nparams = sum(int(x.size) for x in ckpt.weights.values())
     rows = []
     for backend in a.backends:
-        rows += run(args, ckpt, backend, a.batch, a.ctx, a.steps, dtype, bw)
+        for mode in a.modes:
+            rows += run(args, ckpt, backend, a.batch, a.ctx, a.steps, dtype, bw, overlap=mode == "overlap",
+                        profile=a.profile, trace_steps=a.trace_steps)
     print(f"device: {jax.devices()[0].device_kind}; model: {nparams / 1e9:.2f}B params, "
           f"{jnp.dtype(dtype).name}, ctx {a.ctx}; copy bandwidth {bw / 1e12:.2f} TB/s (same run)")
-    cols = ["backend", "batch", "tok_s", "step_ms", "device_ms", "synced_call_ms", "host_ms", "roofline_ms", "vs_roofline",
-            "device_vs_roofline", "schedule_ms", "prepare_ms", "run_ms", "new_compiles_while_timed",
+    cols = ["backend", "mode", "batch", "tok_s", "step_ms", "device_ms", *TRACE_COLS,
+            "dispatch_ms", "synced_call_ms", "pipelined_call_ms", "host_ms", "roofline_ms", "vs_roofline",
+            "device_vs_roofline", "schedule_ms", "prepare_ms", "launch_ms", "collect_ms", "new_compiles_while_timed",
             "compilations", "compile_s"]
     print(" ".join(f"{c:>12}" for c in cols))
     for r in rows:

@@ -142,7 +142,25 @@ def test_abort_frees_pages(tiny_ckpt, make_engine):
         e.step()
     assert e.allocator.num_used > 0
     e.abort(s.request_id)
+    e.sync()  # (with overlap: the pages wait for the step in flight, see below)
     assert e.allocator.all_free() and s.finish_reason == "abort"
+
+
+def test_pages_freed_during_a_step_wait_for_it(tiny_ckpt, make_engine):
+    """Guards against handing out a page that a launched step may still write: with
+    overlap, pages of a request aborted while its step runs return only once that
+    step's results have been read; the aborted request gets no more tokens."""
+    e = make_engine(tiny_ckpt)
+    assert e.overlap
+    s = e.add_request(prompts(1, seed=13, lo=30, hi=31)[0], dataclasses.replace(GREEDY, max_new_tokens=50))
+    for _ in range(3):
+        e.step()
+    n_out, used = len(s.output_ids), e.allocator.num_used
+    assert e._inflight is not None and s.num_inflight == 1
+    e.abort(s.request_id)
+    assert e.allocator.num_used == used, "pages freed while a step that writes them is in flight"
+    assert e.step() == [] and len(s.output_ids) == n_out and s.num_inflight == 0
+    assert e.allocator.all_free() and not e.has_unfinished()
 
 
 def test_bad_requests_rejected(tiny_ckpt, make_engine):
@@ -167,3 +185,45 @@ def test_unrolled_layers_equal_scanned_layers(tiny_ckpt, make_engine):
     e = make_engine(tiny_ckpt, layer_loop="unroll")
     assert "wq_1" in e.runner.state["layers"] and "wq" not in e.runner.state["layers"]
     assert [o.token_ids for o in e.generate(ps, GREEDY)] == want
+
+
+def _mixed_workload(e, ps, stop_tok):
+    """Requests of every kind joining at staggered steps; returns their outputs."""
+    kinds = [dataclasses.replace(GREEDY, max_new_tokens=1),  # finishes on its first token
+             dataclasses.replace(GREEDY, max_new_tokens=30),
+             SamplingParams(max_new_tokens=25, temperature=0.9, top_k=50, top_p=0.9, seed=7, ignore_eos=True),
+             dataclasses.replace(GREEDY, max_new_tokens=40, stop_token_ids=[stop_tok]),
+             SamplingParams(max_new_tokens=500, temperature=1.0, seed=3, ignore_eos=True)]  # hits max_model_len
+    seqs, pending = [], list(enumerate(ps))
+    while pending or e.has_unfinished():
+        if pending:
+            i, p = pending.pop(0)
+            seqs.append(e.add_request(p, dataclasses.replace(kinds[i % len(kinds)])))
+        e.step()
+    return [(s.output_ids, s.output_logprobs, s.finish_reason, s.text) for s in seqs]
+
+
+@pytest.mark.parametrize("num_pages", [256, 40])
+def test_overlapped_steps_equal_lockstep(tiny_ckpt, make_engine, num_pages):
+    """Guards against the overlapped engine (step N+1 launched before step N's tokens are
+    read, fed from the device) feeding a wrong or stale token, drawing with the wrong
+    sample counter, running past a length limit, or losing tokens around preemption: its
+    outputs (tokens, logprobs, finish reasons, text) equal the lockstep engine's."""
+    ps = prompts(10, seed=21, lo=5, hi=40)
+    ps[4] = prompts(1, seed=22, lo=100, hi=101)[0]  # near max_model_len (128 here)
+    probe = make_engine(tiny_ckpt, overlap_schedule=False).generate([ps[3]], GREEDY)[0].token_ids
+    stop_tok = probe[5]
+    kw = dict(num_pages=num_pages, max_model_len=128)
+    ref_e = make_engine(tiny_ckpt, overlap_schedule=False, **kw)
+    ref = _mixed_workload(ref_e, ps, stop_tok)
+    e = make_engine(tiny_ckpt, **kw)
+    got = _mixed_workload(e, ps, stop_tok)
+    assert e.overlap and not ref_e.overlap
+    for x in (e, ref_e):  # a token fed from the device must not add an executable per shape
+        assert x.num_compilations == len(x.runner._shapes_seen)
+    for r, g in zip(ref, got):
+        assert g[0] == r[0] and g[2:] == r[2:]
+        np.testing.assert_allclose(g[1], r[1], rtol=1e-5, atol=1e-6)
+    assert ref[3][2] == "stop" and ref[4][2] == "length" and len(ref[0][0]) == 1
+    if num_pages == 40:
+        assert e.scheduler.num_preemptions > 0, "the scenario did not exercise preemption"

@@ -63,6 +63,10 @@ class EngineConfig:
     # After a prefill step, run a decode step before the next prefill when both
     # are pending, so running requests keep streaming while prompts arrive.
     interleave_decode: bool = True
+    # Launch each step before reading the previous step's tokens (they are fed to the
+    # next step on the device), hiding the host's per-step work behind the device's.
+    # Finished requests are noticed one step late (that step's token is dropped).
+    overlap_schedule: bool = True
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from toolkit.cache.pool import PoolLayout
 from toolkit.config import validate as V
 from toolkit.config.schema import EngineConfig, ModelConfig
 from toolkit.engine.request import RequestOutput, SamplingParams, Sequence, Status
-from toolkit.engine.runner import ModelRunner
+from toolkit.engine.runner import Launched, ModelRunner
 from toolkit.engine.scheduler import Scheduler
 from toolkit.models.checkpoint import Checkpoint
 from toolkit.models.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -64,10 +64,15 @@ class Engine:
         page_bytes = PoolLayout.for_model(self.args, 1, ecfg.page_size, dtype).total_bytes
         num_pages = pool_pages(ecfg, page_bytes)
         self.allocator = PageAllocator(num_pages)
-        self.scheduler = Scheduler(ecfg, self.allocator)
+        self.scheduler = Scheduler(ecfg, self.allocator, self.max_model_len)
         self.runner = ModelRunner(ckpt.args, ckpt.weights, ecfg, dtype, num_pages, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        # Overlap: launch step N+1 before reading step N's tokens, so the host's work
+        # (scheduling, inputs, dispatch, detokenizing) hides behind the device's. The
+        # prefill role posts KV transfers right after each step, so it steps in lockstep.
+        self.overlap = ecfg.overlap_schedule and not keep_pages_on_finish
+        self._inflight: Launched | None = None
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, ecfg: EngineConfig, progress: bool = True,
@@ -123,7 +128,7 @@ class Engine:
         self._finish(seq, "abort")
 
     def free_pages(self, seq: Sequence) -> None:
-        self.allocator.free(seq.pages)
+        self.scheduler.free(seq.pages)
         seq.pages = []
 
     def add_prefilled(self, seq: Sequence, token: int, logprob: float) -> None:
@@ -144,22 +149,45 @@ class Engine:
             self.scheduler.release(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # ---- the step ----------------------------------------------------------------
 
     def step(self) -> list[Sequence]:
-        """One engine step; returns the sequences that got a token."""
+        """One engine step; returns the sequences that got a token (with overlap: the
+        tokens of the step launched by the previous call)."""
         batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        tokens, logprobs = self.runner.run(batch)
+        launched = None
+        if batch is not None:
+            launched = self.runner.launch(batch, self._inflight)
+            self.scheduler.inflight_step = launched.step_id
+            for seq, n, smp in zip(batch.seqs, batch.num_tokens, launched.samples):
+                seq.num_computed += n
+                seq.num_inflight += smp
+        if self.overlap:
+            done, self._inflight = self._inflight, launched
+        else:
+            done = launched
+        return self._collect(done) if done is not None else []
+
+    def sync(self) -> list[Sequence]:
+        """Read the step in flight (if any) without launching another: afterwards every
+        token computed so far is appended and every freed page is back in the allocator."""
+        done, self._inflight = self._inflight, None
+        return self._collect(done) if done is not None else []
+
+    def _collect(self, done: Launched) -> list[Sequence]:
+        tokens, logprobs = self.runner.collect(done)
         out = []
-        for seq, n, tok, lp in zip(batch.seqs, batch.num_tokens, tokens, logprobs):
-            seq.num_computed += n
-            if seq.num_computed == seq.num_tokens:  # chunk reached the end: this sample counts
-                self._append(seq, int(tok), float(lp))
-                out.append(seq)
+        for seq, smp, tok, lp in zip(done.batch.seqs, done.samples, tokens, logprobs):
+            if not smp:
+                continue
+            seq.num_inflight -= 1
+            if seq.is_finished:  # stopped (or aborted) while this step ran: its token is surplus
+                continue
+            self._append(seq, int(tok), float(lp))
+            out.append(seq)
+        self.scheduler.step_done(done.step_id)
         return out
 
     def _append(self, seq: Sequence, tok: int, lp: float) -> None:
@@ -228,6 +256,7 @@ class Engine:
         finally:
             if not seq.is_finished:
                 self.abort(seq.request_id)
+            self.sync()
             self.seqs.pop(seq.request_id, None)
 
     def chat_prompt(self, user: str, system: str | None = None) -> str:

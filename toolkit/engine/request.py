@@ -57,6 +57,9 @@ class Sequence:
 
     A step feeds token_ids[num_computed : num_computed + n] and samples a token
     only when that reaches the end of token_ids; so decode is the case n == 1.
+    With overlapped scheduling a step is launched before the previous one's tokens
+    reach the host: ``num_inflight`` (0 or 1) counts a sampled token still on the
+    device; the next step feeds it straight from the device.
     """
 
     prompt_ids: list[int]
@@ -75,6 +78,7 @@ class Sequence:
     finish_time: Optional[float] = None
     seed: int = 0  # resolved seed (params.seed or a random one)
     num_preemptions: int = 0
+    num_inflight: int = 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -86,8 +90,16 @@ class Sequence:
 
     @property
     def num_pending(self) -> int:
-        """Tokens still to feed before the next sample."""
-        return self.num_tokens - self.num_computed
+        """Tokens still to feed before the next sample (an in-flight token counts)."""
+        return self.num_tokens + self.num_inflight - self.num_computed
+
+    def known_tokens(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without concatenating prompt and output (a decode step
+        asks for one token of a long sequence)."""
+        P = len(self.prompt_ids)
+        if start >= P:
+            return self.output_ids[start - P:end - P]
+        return self.prompt_ids[start:end] + self.output_ids[:max(0, end - P)]
 
     @property
     def is_finished(self) -> bool:

@@ -10,6 +10,7 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -32,11 +33,29 @@ class ScheduledBatch:
     is_decode: bool
 
 
-def _step(state, k_pool, v_pool, inp, samp, *, graphdef, attn, max_q_len, do_sample):
-    logits, k_pool, v_pool = forward(graphdef, state, k_pool, v_pool, inp, attn=attn,
-                                     max_q_len=max_q_len)
+@dataclasses.dataclass
+class Launched:
+    """A step on its way: results stay on the device until ``ModelRunner.collect``."""
+
+    step_id: int
+    batch: ScheduledBatch
+    samples: list[bool]  # per sequence: does this step's sample count (its chunk ends the tokens)?
+    tokens_dev: jax.Array  # [P] int32, padded to the most sequences any step has
+    logprobs_dev: jax.Array  # [B] float32
+    rows: dict[int, int]  # id(seq) -> row of its sample, for the sequences that sample
+
+
+def _step(leaves, k_pool, v_pool, inp, samp, feed_rows, prev_tokens, *, graphdef, treedef, attn,
+          max_q_len, do_sample):
+    """feed_rows [T] int32: for a token still on the device, its row in prev_tokens [P]
+    (the previous step's samples), else -1. Returns tokens padded to [P] (the next
+    step's prev_tokens: one shape for every step, so no extra compilations)."""
+    state = jax.tree.unflatten(treedef, leaves)
+    tokens = jnp.where(feed_rows >= 0, prev_tokens[jnp.maximum(feed_rows, 0)], inp.tokens)
+    logits, k_pool, v_pool = forward(graphdef, state, k_pool, v_pool,
+                                     dataclasses.replace(inp, tokens=tokens), attn=attn, max_q_len=max_q_len)
     tok, lp = sample(logits, samp, do_sample=do_sample)
-    return tok, lp, k_pool, v_pool
+    return jnp.zeros_like(prev_tokens).at[:tok.shape[0]].set(tok), lp, k_pool, v_pool
 
 
 class ModelRunner:
@@ -46,6 +65,9 @@ class ModelRunner:
         self.page_size = ecfg.page_size
         unroll = unroll_layers(ecfg.layer_loop, jax.devices()[0].platform)
         self.graphdef, self.state = nnx.split(Llama(args, weights, dtype, unroll_layers=unroll))
+        # The weights as a flat list, flattened once: the nnx.State pytree flattens in
+        # Python on every call (~300 leaves with unrolled layers), a list in C++.
+        self._leaves, treedef = jax.tree.flatten(self.state)
         self.pool = KVPool(PoolLayout.for_model(args, num_pages, ecfg.page_size, dtype), alloc=ecfg.kv_alloc)
         self._pool_ptrs = self.pool.buffer_pointers()
         max_pages = math.ceil(max_model_len / ecfg.page_size)
@@ -55,10 +77,16 @@ class ModelRunner:
         self.q_len_buckets = pow2_buckets(2, ecfg.chunk_size)
         self.page_buckets = pow2_buckets(1, max_pages)
         self._fn = jax.jit(
-            functools.partial(_step, graphdef=self.graphdef, attn=get_backend(ecfg.attention_backend)),
+            functools.partial(_step, graphdef=self.graphdef, treedef=treedef,
+                              attn=get_backend(ecfg.attention_backend)),
             static_argnames=("max_q_len", "do_sample"), donate_argnames=("k_pool", "v_pool"))
         self._shapes_seen: set[tuple] = set()
         self.compile_seconds = 0.0
+        self._num_launched = 0
+        # Committed to the pool's device like every step's own tokens output (a committed
+        # and an uncommitted argument are two cache entries of the jitted step).
+        self._no_prev = jax.device_put(
+            np.zeros(max(self.batch_buckets[-1], self.prefill_seq_buckets[-1]), np.int32), self.pool.k.sharding)
 
     # Predicate for the bound tests assert against: decode shapes x prefill shapes x {greedy, sample}.
     @property
@@ -74,7 +102,12 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch) -> tuple[np.ndarray, np.ndarray]:
         """Feed the batch's tokens, write their KV, sample one token per sequence."""
-        inp, samp, max_q_len, do_sample = self._prepare(batch)
+        return self.collect(self.launch(batch))
+
+    def launch(self, batch: ScheduledBatch, prev: Launched | None = None) -> Launched:
+        """Dispatch the step without waiting for it. A sequence whose next token is still
+        on the device (sampled by ``prev``, not yet collected) is fed from ``prev``."""
+        inp, samp, max_q_len, do_sample, feed_rows = self._prepare(batch, prev)
         key = (inp.tokens.shape[0], inp.page_table.shape, max_q_len, do_sample)
         new_shape = key not in self._shapes_seen
         if new_shape:
@@ -82,18 +115,26 @@ class ModelRunner:
             log.info("compiling step for T=%d page_table=%s max_q_len=%d sample=%s", *key)
             t0 = time.perf_counter()
         tok, lp, self.pool.k, self.pool.v = self._fn(
-            self.state, self.pool.k, self.pool.v, inp, samp, max_q_len=max_q_len, do_sample=do_sample)
+            self._leaves, self.pool.k, self.pool.v, inp, samp, feed_rows,
+            self._no_prev if prev is None else prev.tokens_dev, max_q_len=max_q_len, do_sample=do_sample)
+        if new_shape:  # compile (the run itself is asynchronous), reported apart from serving time
+            self.compile_seconds += time.perf_counter() - t0
         # Transfer backends registered these addresses once; a step that moved the pool
         # would make them write into freed memory.
         assert self.pool.buffer_pointers() == self._pool_ptrs, "KV pool moved: donation failed"
-        n = len(batch.seqs)
-        tok, lp = jax.device_get((tok, lp))
-        tok, lp = tok[:n], lp[:n]
-        if new_shape:  # first call of a shape: compile + one run, reported apart from serving time
-            self.compile_seconds += time.perf_counter() - t0
-        return tok, lp
+        samples = [s.num_computed + k == s.num_tokens + s.num_inflight
+                   for s, k in zip(batch.seqs, batch.num_tokens)]
+        rows = {id(s): i for i, (s, smp) in enumerate(zip(batch.seqs, samples)) if smp}
+        self._num_launched += 1
+        return Launched(self._num_launched, batch, samples, tok, lp, rows)
 
-    def _prepare(self, batch: ScheduledBatch):
+    def collect(self, launched: Launched) -> tuple[np.ndarray, np.ndarray]:
+        """Wait for a launched step; its sampled tokens and logprobs, one per sequence."""
+        n = len(launched.batch.seqs)
+        tok, lp = jax.device_get((launched.tokens_dev, launched.logprobs_dev))
+        return tok[:n], lp[:n]
+
+    def _prepare(self, batch: ScheduledBatch, prev: Launched | None = None):
         S, n = self.page_size, len(batch.seqs)
         if batch.is_decode:
             B = T = bucket(n, self.batch_buckets)
@@ -108,15 +149,23 @@ class ModelRunner:
         page_table = np.zeros((B, maxP), np.int32)
         cu = np.zeros(B + 1, np.int32)
         kv_lens, logits_idx = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        feed_rows = np.full(T, -1, np.int32)  # [T] row of prev's samples holding the token
         off = 0
         for i, (seq, k) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed
-            pos = np.arange(start, start + k)
-            pages = np.asarray(seq.pages[: math.ceil((start + k) / S)], np.int32)
-            tokens[off:off + k] = seq.token_ids[start:start + k]
-            positions[off:off + k] = pos
-            slots[off:off + k] = pages[pos // S] * S + pos % S
-            page_table[i, :len(pages)] = pages
+            num_pages = -(-(start + k) // S)
+            page_table[i, :num_pages] = seq.pages[:num_pages]
+            known = seq.known_tokens(start, start + k)
+            tokens[off:off + len(known)] = known
+            if len(known) < k:  # the last one is the token the previous step sampled
+                assert len(known) == k - 1 and seq.num_inflight == 1 and id(seq) in prev.rows
+                feed_rows[off + k - 1] = prev.rows[id(seq)]
+            if k == 1:  # decode: plain ints (this loop runs for every sequence every step)
+                positions[off], slots[off] = start, seq.pages[start // S] * S + start % S
+            else:
+                pos = np.arange(start, start + k)
+                positions[off:off + k] = pos
+                slots[off:off + k] = page_table[i, pos // S] * S + pos % S
             off += k
             cu[i + 1], kv_lens[i], logits_idx[i] = off, start + k, off - 1
         cu[n + 1:] = off  # padding sequences: zero queries
@@ -124,7 +173,7 @@ class ModelRunner:
         # jnp.asarray calls cost ~0.2 ms each on a GPU, measured ~3 ms a step)
         inp = StepInputs(tokens, positions, slots, page_table, cu, kv_lens, logits_idx)
         return inp, self._sampling(batch.seqs, B), max_q_len, any(
-            s.params.temperature > 0 for s in batch.seqs)
+            s.params.temperature > 0 for s in batch.seqs), feed_rows
 
     @staticmethod
     def _sampling(seqs: list[Sequence], B: int) -> SamplingInputs:
@@ -135,4 +184,4 @@ class ModelRunner:
             top_k=col(lambda s: s.params.top_k, np.int32),
             top_p=np.asarray([s.params.top_p for s in seqs] + [1.0] * pad, np.float32),
             seeds=col(lambda s: s.seed, np.uint32),
-            counters=col(lambda s: len(s.output_ids), np.int32))
+            counters=col(lambda s: len(s.output_ids) + s.num_inflight, np.int32))

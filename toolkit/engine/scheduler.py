@@ -4,6 +4,13 @@ Each step is either a prefill step (chunks of prompts, at most chunk_size
 tokens, at most max_prefill_seqs sequences) or a decode step (one token for
 every running sequence whose prompt is done). New requests are admitted into
 the running set between steps, so they join a running decode batch.
+
+With overlapped scheduling the next step is scheduled while the previous one
+runs: a sequence whose sampled token is still on the device decodes it next
+(the runner feeds it from the device), unless that token surely ends it (length
+limits); and pages freed while a step is in flight go back to the allocator only
+once that step's results have been read (its KV writes have landed), so no page
+is handed out while a write into it may still be pending.
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ from toolkit.engine.runner import ScheduledBatch
 
 
 class Scheduler:
-    def __init__(self, ecfg: EngineConfig, allocator: PageAllocator):
+    def __init__(self, ecfg: EngineConfig, allocator: PageAllocator, max_model_len: int):
         self.cfg = ecfg
         self.allocator = allocator
+        self.max_model_len = max_model_len
+        self.inflight_step: int | None = None  # newest launched step whose results are unread
+        self._deferred: list[tuple[int, list[int]]] = []  # (step it waits for, pages)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._last_was_prefill = False
@@ -33,7 +43,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
-        decode = [s for s in self.running if s.num_pending == 1]
+        decode = [s for s in self.running if s.num_pending == 1 and not self._surely_done(s)]
         partial = [s for s in self.running if s.num_pending > 1]
         yield_to_decode = self.cfg.interleave_decode and self._last_was_prefill and decode
         if (partial or self.waiting) and not yield_to_decode:
@@ -43,6 +53,11 @@ class Scheduler:
                 return batch
         self._last_was_prefill = False
         return self._schedule_decode(decode) if decode else None
+
+    def _surely_done(self, s: Sequence) -> bool:
+        """Its in-flight token reaches a length limit: nothing more to compute for it."""
+        return s.num_inflight > 0 and (len(s.output_ids) + s.num_inflight >= s.params.max_new_tokens
+                                       or s.num_tokens + s.num_inflight >= self.max_model_len)
 
     def _pages_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.cfg.page_size)
@@ -57,6 +72,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(seqs) < self.cfg.max_prefill_seqs
                and len(self.running) < self.cfg.max_batch_size):
             s = self.waiting[0]
+            if s.num_inflight:  # preempted with a token in flight: recompute once it has arrived
+                break
             need = self._pages_for(s.num_tokens)
             if not self.allocator.can_allocate(need):
                 break
@@ -93,8 +110,27 @@ class Scheduler:
     def release(self, seq: Sequence) -> None:
         """Free a sequence's pages and drop it from the scheduler."""
         self.detach(seq)
-        self.allocator.free(seq.pages)
+        self.free(seq.pages)
         seq.pages = []
+
+    def free(self, pages: list[int]) -> None:
+        """Give pages back now, or once the step in flight (which may write them) is read."""
+        if self.inflight_step is None:
+            self.allocator.free(pages)
+        elif pages:
+            self._deferred.append((self.inflight_step, list(pages)))
+
+    def step_done(self, step_id: int) -> None:
+        """The results of step ``step_id`` (and all before it) are read: free what waited."""
+        if self.inflight_step == step_id:
+            self.inflight_step = None
+        keep = []
+        for sid, pages in self._deferred:
+            if sid <= step_id:
+                self.allocator.free(pages)
+            else:
+                keep.append((sid, pages))
+        self._deferred = keep
 
     def detach(self, seq: Sequence) -> None:
         """Drop a sequence from the scheduler but leave its pages allocated (the caller
