@@ -223,7 +223,9 @@ def test_overlapped_steps_equal_lockstep(tiny_ckpt, make_engine, num_pages):
         assert x.num_compilations == len(x.runner._shapes_seen)
     for r, g in zip(ref, got):
         assert g[0] == r[0] and g[2:] == r[2:]
-        np.testing.assert_allclose(g[1], r[1], rtol=1e-5, atol=1e-6)
+        # (with preemption the two modes batch differently: other shapes, other GEMM
+        # kernels; on a GPU that moves f32 logprobs by ~1e-4)
+        np.testing.assert_allclose(g[1], r[1], rtol=1e-3, atol=1e-4)
     assert ref[3][2] == "stop" and ref[4][2] == "length" and len(ref[0][0]) == 1
     if num_pages == 40:
         assert e.scheduler.num_preemptions > 0, "the scenario did not exercise preemption"
