@@ -12,6 +12,7 @@ compilation stays out of the numbers. Prints a table; bench.json_out saves JSON.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import sys
 import time
@@ -68,6 +69,7 @@ def run_bench(cfg) -> list[dict]:
         rows.append(dict(batch=B, prompt_len=b.prompt_len, prompt_tok_s=p, decode_tok_s=d,
                          decode_step_ms=st * 1e3, compilations=engine.num_compilations))
         del engine
+        gc.collect()  # the pool (cuda_malloc on a GPU) is freed only once its cycle is collected
     return rows
 
 

@@ -45,7 +45,14 @@ def pool_pages(ecfg: EngineConfig, page_bytes_all_layers: int) -> int:
     if resolve_alloc(ecfg.kv_alloc, dev) == "cuda_malloc":  # outside XLA's pool: ask the driver
         import torch
 
-        free = min(free, torch.cuda.mem_get_info()[0])
+        # minus what XLA's allocator may still reserve up to its limit (it reserves its
+        # whole arena at the first allocation unless XLA_PYTHON_CLIENT_PREALLOCATE=false):
+        # counting that as free made the pool's second buffer fail to allocate
+        xla_to_come = max(0, stats["bytes_limit"] - stats.get("pool_bytes", 0))
+        free = torch.cuda.mem_get_info()[0] - xla_to_come
+        if free <= 0:
+            raise V.ConfigError("no device memory left for a cudaMalloc'd KV pool beside XLA's "
+                                "arena; set XLA_PYTHON_CLIENT_MEM_FRACTION lower or engine.kv_alloc=xla")
     return max(2, int(free * ecfg.memory_fraction) // page_bytes_all_layers)
 
 
