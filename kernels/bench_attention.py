@@ -8,7 +8,8 @@ Ceilings: a large device-to-device copy (bytes read + written per second) and a 
 bf16 matmul. Decode rows count the K/V bytes each kernel must read (every sequence's
 context, K and V, once); prefill rows count causal FLOPs (4 * T^2/2 * H * D per sequence).
 Baselines: JAX's deprecated Pallas paged_attention (decode) and
-jax.nn.dot_product_attention(implementation="cudnn") on contiguous data (prefill).
+jax.nn.dot_product_attention(implementation="cudnn") on contiguous data (prefill), and
+JAX's Mosaic GPU attention_mgpu on contiguous data (what a TMA/wgmma kernel reaches here).
 """
 
 from __future__ import annotations
@@ -171,6 +172,25 @@ def run_prefill(rows, flops_ceiling, T, quick):
         rows.append((f"prefill T={T}", "cuDNN (contiguous data)", t, flops / t / 1e12, flops / t / flops_ceiling))
     except Exception as e:  # noqa: BLE001
         rows.append((f"prefill T={T}", f"cuDNN FAILED {type(e).__name__}", 0, 0, 0))
+    # JAX's own Hopper kernel (Mosaic GPU: TMA, wgmma, two compute warpgroups), contiguous
+    # data: how close a Mosaic GPU kernel gets to cuDNN here, before writing a paged one.
+    # (float16: its bfloat16 path fails in JAX 0.11.2, "src bfloat16, dst float16"; the
+    # tensor cores run both at the same rate.)
+    # It applies no softmax scale: q goes in pre-scaled.
+    q16, k16, v16 = (x.astype(jnp.float16) for x in (q * D ** -0.5, kc, vc))
+    for bq, bkv in ((64, 128), (64, 64)):
+        try:
+            from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+
+            cfg = am.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=2, causal=True)
+            mg = jax.jit(lambda q, k, v, cfg=cfg: am.attention(q[None], k[None], v[None], cfg)[0])
+            err = rel_err(mg(q16, k16, v16), out_ref)
+            t = bench(mg, q16, k16, v16, iters=10)
+            rows.append((f"prefill T={T}", f"JAX attention_mgpu {bq}x{bkv} f16 (contiguous, err {err:.1e})", t,
+                         flops / t / 1e12, flops / t / flops_ceiling))
+        except Exception as e:  # noqa: BLE001
+            rows.append((f"prefill T={T}", f"attention_mgpu {bq}x{bkv} FAILED {type(e).__name__}: "
+                         f"{str(e)[:80]}", 0, 0, 0))
 
 
 def run_movement(rows, bw, quick):
