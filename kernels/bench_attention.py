@@ -163,6 +163,21 @@ def run_prefill(rows, flops_ceiling, T, quick):
                  flops / t / flops_ceiling))
     if jax.devices()[0].platform != "gpu":
         return
+    for bkv in (128, 64):  # Mosaic GPU prototype (kernels/attention_mgpu.py), same pages
+        try:
+            from kernels import attention_mgpu as mk
+
+            f = jax.jit(lambda q, k, v, bkv=bkv: mk.paged_prefill_one(
+                q, k, v, jnp.asarray(perm), layer=0, scale=D ** -0.5, block_kv=bkv))
+            err = rel_err(f(q, kp, vp), out_ref)
+            t = bench(f, q, kp, vp, iters=10)
+            rows.append((f"prefill T={T}", f"ours, Mosaic GPU 64x{bkv} (pages, err {err:.1e})", t,
+                         flops / t / 1e12, flops / t / flops_ceiling))
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            rows.append((f"prefill T={T}", f"Mosaic GPU 64x{bkv} FAILED {type(e).__name__}", 0, 0, 0))
     try:
         rep = H // KV
         cud = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
