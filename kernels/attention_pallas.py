@@ -247,8 +247,22 @@ def prefill_blocks(cu_q_lens, num_blocks: int, block_q: int):
 
 def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_lens, *,
                             max_q_len, scale, block_q: int = 128, block_k: int = 128,
-                            num_warps: int = 8, num_stages: int = 3, poison: bool = False):
-    """Ragged chunks. q [T, H, Dh] -> [T, H, Dh]."""
+                            num_warps: int = 8, num_stages: int = 3, poison: bool = False,
+                            impl: str = "auto"):
+    """Ragged chunks. q [T, H, Dh] -> [T, H, Dh].
+
+    impl: ``mgpu`` (Mosaic GPU, kernels/attention_mgpu.py: 16-bit, head dim 64/128, page
+    size a multiple of 8), ``triton`` (this file's Triton-lowered kernel), ``auto``: mgpu
+    on a GPU where it applies, else triton (kernels/NOTES.md: 1.0x vs 0.55x cuDNN)."""
+    from kernels import attention_mgpu
+
+    S = k_pool.shape[2]
+    if impl == "auto":
+        impl = ("mgpu" if jax.devices()[0].platform == "gpu" and attention_mgpu.supported(q.dtype, q.shape[2], S)
+                else "triton")
+    if impl == "mgpu":
+        return attention_mgpu.paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens,
+                                                      kv_lens, scale=scale)
     T, H, D = q.shape
     KV = k_pool.shape[3]
     if not supported(D):

@@ -120,7 +120,23 @@ def test_prefill_matches_reference(S, G, D, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("S,G,D,dtype", GPU_PREFILL)
 def test_prefill_matches_reference_gpu(S, G, D, dtype):
+    """(auto: the Mosaic GPU kernel for bfloat16, the Triton-lowered one for float32)"""
     _prefill_case(S, G, D, dtype, PREFILL_SEQS + [(4096, 2048)])  # default tiles (float32 D=128 once overflowed smem)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S,G,D", list(itertools.product([16, 32, 64], [1, 4, 8], [64, 128])))
+def test_prefill_triton_lowering_matches_reference_gpu(S, G, D):
+    """The Triton-lowered prefill kernel stays correct in bfloat16 too (auto picks Mosaic GPU there)."""
+    _prefill_case(S, G, D, jnp.bfloat16, PREFILL_SEQS + [(4096, 2048)], impl="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqs", [[(4096, 4096)], [(1, 1)], [(300, 3), (129, 128), (2000, 1000), (5, 5)]])
+def test_prefill_mgpu_tiles_and_prefixes_gpu(seqs):
+    """Guards the Mosaic GPU kernel's tile cutting: whole tiles, a lone token, chunks after
+    prefixes that end mid-block, tiles shared by no two sequences."""
+    _prefill_case(16, 4, 128, jnp.bfloat16, seqs, impl="mgpu")
 
 
 @pytest.mark.parametrize("KV,D,dtype", [(2, 64, jnp.float32), (3, 64, jnp.bfloat16)])
