@@ -163,7 +163,9 @@ def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_
     # scatter of the same rows took longer than the attention itself.
     r = jnp.arange(NB * BT, dtype=jnp.int32)
     r_seq, r_loc = bseq[r // BT], bstart[r // BT] + r % BT
-    q_pad = jnp.where((r_loc < q_lens[r_seq])[:, None, None], q[jnp.minimum(cu[r_seq] + r_loc, T - 1)], 0)
+    # (rows past a chunk hold other tokens' q: junk rows of the tile, never written back;
+    # a TMA load at a dynamic row of q itself fails Mosaic GPU's layout inference in JAX 0.11.2)
+    q_pad = q[jnp.minimum(cu[r_seq] + r_loc, T - 1)]
     # ... and each token's row in it, to gather the outputs back
     tok = jnp.arange(T, dtype=jnp.int32)
     s_t = jnp.clip(jnp.searchsorted(cu, tok, side="right").astype(jnp.int32) - 1, 0, B - 1)
