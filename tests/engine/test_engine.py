@@ -229,3 +229,19 @@ def test_overlapped_steps_equal_lockstep(tiny_ckpt, make_engine, num_pages):
     assert ref[3][2] == "stop" and ref[4][2] == "length" and len(ref[0][0]) == 1
     if num_pages == 40:
         assert e.scheduler.num_preemptions > 0, "the scenario did not exercise preemption"
+
+
+def test_overlap_preempts_no_more_than_lockstep(tiny_ckpt, make_engine):
+    """Guards against a preemption cascade under overlap: the preempted sequence's pages
+    wait for the step in flight, so if the step being scheduled could not reuse them, each
+    preemption freed nothing usable and the whole batch was preempted (27 vs 6 here)."""
+    ps = prompts(8, seed=30, lo=8, hi=9)
+    params = dataclasses.replace(GREEDY, max_new_tokens=40)
+    counts, outs = [], []
+    for overlap in (False, True):
+        e = make_engine(tiny_ckpt, num_pages=41, overlap_schedule=overlap)
+        outs.append([o.token_ids for o in e.generate(ps, params)])
+        counts.append(e.scheduler.num_preemptions)
+    assert counts[0] > 0, "the scenario did not exercise preemption"
+    assert counts[1] <= counts[0] + 2, f"overlap preempted {counts[1]} times, lockstep {counts[0]}"
+    assert outs[0] == outs[1]

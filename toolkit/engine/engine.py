@@ -80,6 +80,7 @@ class Engine:
         # prefill role posts KV transfers right after each step, so it steps in lockstep.
         self.overlap = ecfg.overlap_schedule and not keep_pages_on_finish
         self._inflight: Launched | None = None
+        self._unreported: list[Sequence] = []  # got a token in a sync() no step() returned
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, ecfg: EngineConfig, progress: bool = True,
@@ -175,7 +176,8 @@ class Engine:
             done, self._inflight = self._inflight, launched
         else:
             done = launched
-        return self._collect(done) if done is not None else []
+        out, self._unreported = self._unreported, []
+        return out + (self._collect(done) if done is not None else [])
 
     def sync(self) -> list[Sequence]:
         """Read the step in flight (if any) without launching another: afterwards every
@@ -255,7 +257,8 @@ class Engine:
         seq = self.add_request(prompt, _copy(params), on_token=lambda s, t, d: deltas.append(d))
         try:
             while not seq.is_finished:
-                self.step()
+                # other requests' tokens: the next step() a driver calls reports them
+                self._unreported += [s for s in self.step() if s is not seq]
                 while deltas:
                     d = deltas.pop(0)
                     if d:
@@ -263,7 +266,7 @@ class Engine:
         finally:
             if not seq.is_finished:
                 self.abort(seq.request_id)
-            self.sync()
+            self._unreported += [s for s in self.sync() if s is not seq]
             self.seqs.pop(seq.request_id, None)
 
     def chat_prompt(self, user: str, system: str | None = None) -> str:

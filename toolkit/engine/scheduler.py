@@ -92,6 +92,8 @@ class Scheduler:
             while len(s.pages) < self._pages_for(s.num_computed + 1):
                 if self.allocator.can_allocate(1):
                     s.pages += self.allocator.allocate(1)
+                elif self._deferred:
+                    s.pages.append(self._take_deferred())
                 elif self.preempt(self.running[-1]) is s:
                     break
             if s.status is Status.RUNNING:
@@ -119,6 +121,18 @@ class Scheduler:
             self.allocator.free(pages)
         elif pages:
             self._deferred.append((self.inflight_step, list(pages)))
+
+    def _take_deferred(self) -> int:
+        """A page held back for the step in flight, for the step being scheduled: that step
+        takes the in-flight step's pool as input, so the device runs it after, and its
+        writes land after the old ones. (Only the scheduler's own steps may do this; other
+        writers, e.g. a NIXL transfer into pages the decode role allocates, wait.) Without
+        it, a preemption under overlap freed nothing usable and preempted the whole batch."""
+        sid, pages = self._deferred[-1]
+        page = pages.pop()
+        if not pages:
+            self._deferred.pop()
+        return page
 
     def step_done(self, step_id: int) -> None:
         """The results of step ``step_id`` (and all before it) are read: free what waited."""
