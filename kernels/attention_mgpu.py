@@ -147,7 +147,7 @@ def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_
     """Ragged chunks: q [T, H, D] (chunk of sequence i = rows cu_q_lens[i]:cu_q_lens[i+1],
     its KV length kv_lens[i] including the chunk) -> [T, H, D]. Rows past cu_q_lens[-1]
     are padding: zeros."""
-    from kernels.attention_pallas import prefill_blocks
+    from kernels.attention_pallas import blocks_before, prefill_blocks
 
     T, H, D = q.shape
     S, KV = k_pool.shape[2], k_pool.shape[3]
@@ -169,7 +169,7 @@ def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_
     # ... and each token's row in it, to gather the outputs back
     tok = jnp.arange(T, dtype=jnp.int32)
     s_t = jnp.clip(jnp.searchsorted(cu, tok, side="right").astype(jnp.int32) - 1, 0, B - 1)
-    cum = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(-(-q_lens // BT)).astype(jnp.int32)])
+    cum = blocks_before(cu, BT)
     loc = tok - cu[s_t]
     valid = tok < cu[-1]
     prow = jnp.where(valid, (cum[s_t] + loc // BT) * BT + loc % BT, 0)

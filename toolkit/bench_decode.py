@@ -116,6 +116,17 @@ def device_timeline(trace_dir: str, num_steps: int) -> dict:
     return dict(trace_busy_ms=busy / num_steps / 1e6, trace_idle_ms=(window - busy) / num_steps / 1e6)
 
 
+def traced_timeline(body, num_steps: int) -> dict:
+    """Run ``body`` (num_steps steps, synced at the end) under the JAX profiler."""
+    tdir = tempfile.mkdtemp()
+    jax.profiler.start_trace(tdir)
+    try:
+        body()
+    finally:
+        jax.profiler.stop_trace()
+    return device_timeline(tdir, num_steps)
+
+
 def run(args: ModelArgs, ckpt: Checkpoint, backend: str, batches, ctx: int, steps: int, dtype, bw: float,
         page_size: int = 16, overlap: bool = True, profile: bool = False, trace_steps: int = 0) -> list[dict]:
     maxB = max(batches)
@@ -189,13 +200,11 @@ def run(args: ModelArgs, ckpt: Checkpoint, backend: str, batches, ctx: int, step
         assert all(not s.is_finished for s in seqs), "a request finished while steps were timed"
         traced = {}
         if trace_steps:  # after the timed steps: the profiler slows the host (no GPU plane on CPU)
-            tdir = tempfile.mkdtemp()
-            jax.profiler.start_trace(tdir)
-            for _ in range(trace_steps):
-                eng.step()
-            eng.sync()
-            jax.profiler.stop_trace()
-            traced = device_timeline(tdir, trace_steps)
+            def engine_steps():
+                for _ in range(trace_steps):
+                    eng.step()
+                eng.sync()
+            traced = traced_timeline(engine_steps, trace_steps)
         for s in seqs:
             eng.abort(s.request_id)
             eng.seqs.pop(s.request_id, None)
@@ -234,13 +243,12 @@ def run(args: ModelArgs, ckpt: Checkpoint, backend: str, batches, ctx: int, step
         jax.device_get(prev[:2])
         pipelined_s = (time.perf_counter() - t0) / n
         if trace_steps:  # the replay's device time under the same profiler as the engine's
-            tdir = tempfile.mkdtemp()
-            jax.profiler.start_trace(tdir)
-            for _ in range(n):
-                tok, _, kp, vp = orig_fn(state, kp, vp, inp, samp, feed, prev_tok, **kw)
-            jax.block_until_ready(tok)
-            jax.profiler.stop_trace()
-            traced.update({f"replay_{k}": v for k, v in device_timeline(tdir, n).items()})
+            def replay():
+                nonlocal kp, vp
+                for _ in range(n):
+                    tok, _, kp, vp = orig_fn(state, kp, vp, inp, samp, feed, prev_tok, **kw)
+                jax.block_until_ready(tok)
+            traced.update({f"replay_{k}": v for k, v in traced_timeline(replay, n).items()})
         runner.pool.k, runner.pool.v = kp, vp
         roof = step_bytes(args, ckpt.weights, B, ctx_mean, jnp.dtype(dtype).itemsize) / bw
         rows.append(dict(backend=backend, mode=mode, batch=B, step_ms=step_s * 1e3, device_ms=dev_s * 1e3,

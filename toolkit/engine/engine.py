@@ -215,9 +215,7 @@ class Engine:
         cut = min((i for i in (full.find(s) for s in seq.params.stop) if i >= 0), default=-1)
         if cut >= 0:
             full, reason = full[:cut], "stop"
-        if reason is None and len(seq.output_ids) >= seq.params.max_new_tokens:
-            reason = "length"
-        if reason is None and seq.num_tokens >= self.max_model_len:
+        if reason is None and seq.at_length_limit(self.max_model_len):
             reason = "length"
         # Hold back text that could be the start of a stop string until it is decided.
         hold = 0 if reason else max((len(s) - 1 for s in seq.params.stop), default=0)

@@ -93,6 +93,11 @@ class Sequence:
         """Tokens still to feed before the next sample (an in-flight token counts)."""
         return self.num_tokens + self.num_inflight - self.num_computed
 
+    def at_length_limit(self, max_model_len: int, extra: int = 0) -> bool:
+        """Would ``extra`` more output tokens reach max_new_tokens or the context length?"""
+        return (len(self.output_ids) + extra >= self.params.max_new_tokens
+                or self.num_tokens + extra >= max_model_len)
+
     def known_tokens(self, start: int, end: int) -> list[int]:
         """token_ids[start:end] without concatenating prompt and output (a decode step
         asks for one token of a long sequence)."""

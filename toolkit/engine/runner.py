@@ -100,10 +100,6 @@ class ModelRunner:
     def num_compilations(self) -> int:
         return self._fn._cache_size()
 
-    def run(self, batch: ScheduledBatch) -> tuple[np.ndarray, np.ndarray]:
-        """Feed the batch's tokens, write their KV, sample one token per sequence."""
-        return self.collect(self.launch(batch))
-
     def launch(self, batch: ScheduledBatch, prev: Launched | None = None) -> Launched:
         """Dispatch the step without waiting for it. A sequence whose next token is still
         on the device (sampled by ``prev``, not yet collected) is fed from ``prev``."""

@@ -56,8 +56,7 @@ class Scheduler:
 
     def _surely_done(self, s: Sequence) -> bool:
         """Its in-flight token reaches a length limit: nothing more to compute for it."""
-        return s.num_inflight > 0 and (len(s.output_ids) + s.num_inflight >= s.params.max_new_tokens
-                                       or s.num_tokens + s.num_inflight >= self.max_model_len)
+        return s.num_inflight > 0 and s.at_length_limit(self.max_model_len, s.num_inflight)
 
     def _pages_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.cfg.page_size)
@@ -128,7 +127,7 @@ class Scheduler:
         writes land after the old ones. (Only the scheduler's own steps may do this; other
         writers, e.g. a NIXL transfer into pages the decode role allocates, wait.) Without
         it, a preemption under overlap freed nothing usable and preempted the whole batch."""
-        sid, pages = self._deferred[-1]
+        _, pages = self._deferred[-1]
         page = pages.pop()
         if not pages:
             self._deferred.pop()
