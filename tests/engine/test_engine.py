@@ -245,3 +245,15 @@ def test_overlap_preempts_no_more_than_lockstep(tiny_ckpt, make_engine):
     assert counts[0] > 0, "the scenario did not exercise preemption"
     assert counts[1] <= counts[0] + 2, f"overlap preempted {counts[1]} times, lockstep {counts[0]}"
     assert outs[0] == outs[1]
+
+
+def test_stream_leaves_other_requests_tokens_for_the_next_step(tiny_ckpt, make_engine):
+    """Guards against a driver (server loop) never hearing that a request finished while
+    Engine.stream stepped the engine for another one: the next step() reports it."""
+    e = make_engine(tiny_ckpt)
+    other = e.add_request(prompts(1, seed=40)[0], dataclasses.replace(GREEDY, max_new_tokens=3))
+    for _ in e.stream(prompts(1, seed=41)[0], dataclasses.replace(GREEDY, max_new_tokens=10)):
+        pass
+    assert other.is_finished
+    assert other in e.step()
+    e.seqs.pop(other.request_id, None)
