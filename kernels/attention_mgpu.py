@@ -5,13 +5,15 @@ The engine's prefill kernel on a GPU for 16-bit dtypes and head dims 64/128 (see
 Triton-lowered kernel). Why Mosaic GPU: kernels/NOTES.md ("Prefill: is a Mosaic GPU
 kernel the way ..."): 1.0x cuDNN from pages vs 0.55x for the Triton lowering.
 
-Ragged queries are cut into tiles of 2 * block_q tokens that never cross a sequence
-(``prefill_blocks``); the wrapper scatters q into a tile-padded buffer, so every program
-reads and writes whole tiles by TMA, and gathers the outputs back. One program = one q
-head x one tile: two consumer warpgroups (block_q rows each) compute QK^T and PV with
-wgmma from swizzled SMEM, online softmax in base 2; a producer warpgroup fills a ring of
-``steps`` K/V slots by TMA, one copy per page ([page_size, D] box), all the copies of a
-slot counted on that slot's barrier. A chunk that follows a prefix attends to it
+Ragged queries are read and the output written in place: a program's tile is an aligned
+block of 2 * block_q rows of q (TMA loads at multiples of block_q), one program per
+(chunk, block it touches) and q head; a block shared by two chunks is computed once for
+each, and each stores only its own rows (``_store_rows``: TMA stores of power-of-two row
+counts from an untiled SMEM buffer). The padding rows past the last chunk are one more
+segment whose tiles store zeros. Two consumer warpgroups (block_q rows each) compute QK^T
+and PV with wgmma from swizzled SMEM, online softmax in base 2; a producer warpgroup fills a
+ring of ``steps`` K/V slots by TMA, one copy per page ([page_size, D] box), all the copies
+of a slot counted on that slot's barrier. A chunk that follows a prefix attends to it
 (positions offset by kv_len - q_len). Pools: [L, P, S, KV, D]; q: [T, H, D].
 """
 
@@ -32,32 +34,59 @@ def supported(dtype, head_dim: int, page_size: int, block_kv: int = 128) -> bool
             and page_size % 8 == 0 and block_kv % page_size == 0)
 
 
-def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, bseq_ref, bstart_ref, qlen_ref, kvlen_ref, out_ref,
-                 scoped, *, block_q, block_kv, steps, npb, S, G, D, dtype, qk_scale):
-    (qo_smem2, k_smem, v_smem), (k_bar, v_bar, q_bar), (k_free, v_free), sched = scoped
+def _store_rows(o_smem, out_ref, head, row0, lo, hi, block_q: int):
+    """TMA-store rows lo..hi-1 of o_smem to out rows row0+lo.. (a TMA box has a static
+    size: one store per set bit of hi - lo, largest first)."""
+    n = hi - lo
+    start, size = lo, block_q
+    while size:
+        @pl.when((n & size) != 0)
+        def _(start=start, size=size):
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(start, size)], out_ref.at[pl.ds(row0 + start, size), head])
+        start = start + (n & size)
+        size //= 2
+
+
+def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, cu_ref, tseq_ref, tblk_ref, kvlen_ref, out_ref,
+                 scoped, *, block_q, block_kv, steps, npb, S, G, D, B, dtype, qk_scale):
+    (q_smem2, o_smem2, k_smem, v_smem), (k_bar, v_bar, q_bar), (k_free, v_free), sched = scoped
     b = lax.axis_index("tiles")
     head = lax.axis_index("heads")
     wg = lax.axis_index("wg")
-    seq = bseq_ref[b]
-    t0 = bstart_ref[b]  # first token of the tile within its sequence's chunk
-    q_len = qlen_ref[seq]
+    seq = tseq_ref[b]  # == B: the padding rows past the last chunk (zeros)
+    blk = tblk_ref[b]
+    BT = 2 * block_q
+    tile0 = blk * BT  # the tile's first row of q (tiles are aligned; a chunk may start mid-tile)
+    cs, ce = cu_ref[seq], cu_ref[seq + 1]
+    q_len = ce - cs
+    active = (blk >= 0) & (tile0 < ce) & (tile0 + BT > cs)
+    is_pad = seq == B
     prefix = kvlen_ref[seq] - q_len
     bkv = jnp.array(block_kv, jnp.int32)
-    tile_kv_steps = pl.cdiv(prefix + jnp.minimum(t0 + 2 * block_q, q_len), bkv)
+    tile_kv_steps = pl.cdiv(prefix + jnp.minimum(tile0 + BT - cs, q_len), bkv)
+    row0 = tile0 + wg * block_q  # this warpgroup's first row of q
+    lo, hi = jnp.clip(cs - row0, 0, block_q), jnp.clip(ce - row0, 0, block_q)  # its rows of the chunk
 
     def sched_barrier():
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(sched)
 
-    @pl.when((t0 < q_len) & (wg < 2))
+    @pl.when(active & is_pad & (wg < 2))
+    def _zeros():
+        o_smem = o_smem2.at[wg]
+        o_smem[...] = plgpu.layout_cast(jnp.full((block_q, D), 0, dtype), plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+        _store_rows(o_smem, out_ref, head, row0, lo, hi, block_q)
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(active & ~is_pad & (wg < 2))
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
-        qo_smem = qo_smem2.at[wg]
-        local = t0 + wg * block_q  # this warpgroup's first row, within the chunk
-        kv_steps = pl.cdiv(prefix + jnp.minimum(local + block_q, q_len), bkv)
-        full = jnp.minimum(lax.div(prefix + local + 1, bkv), kv_steps)  # steps needing no mask
-        row0 = b * (2 * block_q) + wg * block_q
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, block_q), head], qo_smem, q_bar.at[wg])
+        q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
+        local = row0 - cs  # chunk position of the first row (< 0: rows of an earlier chunk)
+        kv_steps = jnp.maximum(pl.cdiv(prefix + jnp.minimum(local + block_q, q_len), bkv), 0)
+        full = jnp.clip(lax.div(prefix + local + lo + 1, bkv), 0, kv_steps)  # steps needing no mask
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, block_q), head], q_smem, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
         m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -70,7 +99,7 @@ def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, bseq_ref, bstart_ref, qle
             slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
 
             def qk_scope(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                 sched_barrier()
                 return acc_ref[...]
             s = pl.run_scoped(qk_scope, plgpu.ACC((block_q, block_kv), jnp.float32)) * qk_scale
@@ -113,12 +142,12 @@ def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, bseq_ref, bstart_ref, qle
         lax.fori_loop(kv_steps, tile_kv_steps, drain, None)
         pl.when(wg == 0)(sched_barrier)
         acc = acc / lax.broadcast_in_dim(l_i, (block_q, D), [0])
-        qo_smem[...] = acc.astype(dtype)
+        o_smem[...] = acc.astype(dtype)  # (rows outside lo..hi: other chunks' rows, never stored)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(row0, block_q), head])
+        _store_rows(o_smem, out_ref, head, row0, lo, hi, block_q)
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when((t0 < q_len) & (wg == 2))
+    @pl.when(active & ~is_pad & (wg == 2))
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
         kv_head = lax.div(head, jnp.array(G, head.dtype))
@@ -142,48 +171,50 @@ def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, bseq_ref, bstart_ref, qle
             load(kv_step + steps, slot)
 
 
+def aligned_tiles(cu_q_lens, num_tiles: int, tile: int):
+    """Tiles of q rows aligned to multiples of ``tile``: one per (segment, aligned block it
+    touches), segment i = rows cu_q_lens[i]:cu_q_lens[i+1]. -> (segment of each of the
+    num_tiles tiles, its block index; -1 for unused tiles)."""
+    cs, ce = cu_q_lens[:-1], cu_q_lens[1:]
+    n = jnp.where(ce > cs, (ce + tile - 1) // tile - cs // tile, 0)
+    cum = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(n).astype(jnp.int32)])
+    i = jnp.arange(num_tiles, dtype=jnp.int32)
+    seg = jnp.clip(jnp.searchsorted(cum, i, side="right").astype(jnp.int32) - 1, 0, n.shape[0] - 1)
+    blk = jnp.where(i < cum[-1], cs[seg] // tile + i - cum[seg], -1)
+    return seg, blk.astype(jnp.int32)
+
+
 def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_lens, *, scale,
-                            block_q: int = 64, block_kv: int = 128, steps: int = 2):
+                            block_q: int = 64, block_kv: int = 128, steps: int = 2, poison: bool = False):
     """Ragged chunks: q [T, H, D] (chunk of sequence i = rows cu_q_lens[i]:cu_q_lens[i+1],
     its KV length kv_lens[i] including the chunk) -> [T, H, D]. Rows past cu_q_lens[-1]
-    are padding: zeros."""
-    from kernels.attention_pallas import blocks_before, prefill_blocks
-
+    are padding: zeros. q is read and the output written in place: tiles are aligned
+    blocks of 2 * block_q rows, a block shared by two chunks is computed once for each,
+    and each stores only its own rows. poison: the output starts as NaN (tests: a row no
+    tile writes shows)."""
     T, H, D = q.shape
     S, KV = k_pool.shape[2], k_pool.shape[3]
     B = page_table.shape[0]
     G, BT, npb = H // KV, 2 * block_q, block_kv // S
-    assert supported(q.dtype, D, S, block_kv), (q.dtype, D, S)
-    NB = -(-T // BT) + B  # every sequence may leave one partial tile
-    cu = cu_q_lens.astype(jnp.int32)
-    q_lens = cu[1:] - cu[:-1]
-    bseq, bstart = prefill_blocks(cu, NB, BT)
-    bstart = bstart - cu[bseq]  # within the chunk; >= q_len for unused tiles
-    # Tile-padded q (tile b holds rows b*BT .. b*BT + BT - 1), built by a gather: XLA's
-    # scatter of the same rows took longer than the attention itself.
-    r = jnp.arange(NB * BT, dtype=jnp.int32)
-    r_seq, r_loc = bseq[r // BT], bstart[r // BT] + r % BT
-    # (rows past a chunk hold other tokens' q: junk rows of the tile, never written back;
-    # a TMA load at a dynamic row of q itself fails Mosaic GPU's layout inference in JAX 0.11.2)
-    q_pad = q[jnp.minimum(cu[r_seq] + r_loc, T - 1)]
-    # ... and each token's row in it, to gather the outputs back
-    tok = jnp.arange(T, dtype=jnp.int32)
-    s_t = jnp.clip(jnp.searchsorted(cu, tok, side="right").astype(jnp.int32) - 1, 0, B - 1)
-    cum = blocks_before(cu, BT)
-    loc = tok - cu[s_t]
-    valid = tok < cu[-1]
-    prow = jnp.where(valid, (cum[s_t] + loc // BT) * BT + loc % BT, 0)
+    assert supported(q.dtype, D, S, block_kv) and block_q & (block_q - 1) == 0, (q.dtype, D, S, block_q)
+    Tp = -(-T // BT) * BT  # whole tiles of q to read (static: no copy when T is a multiple)
+    q_in = q if Tp == T else jnp.pad(q, ((0, Tp - T), (0, 0), (0, 0)))
+    NB = Tp // BT + B  # each of the B chunk ends may share a block with what follows
+    cu = jnp.concatenate([cu_q_lens.astype(jnp.int32), jnp.full((1,), T, jnp.int32)])
+    tseq, tblk = aligned_tiles(cu, NB, BT)
+    kvl = jnp.concatenate([kv_lens.astype(jnp.int32), jnp.zeros((1,), jnp.int32)])
     cols = -(-page_table.shape[1] // npb) * npb  # whole K/V blocks of page ids
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, cols - page_table.shape[1])))
     lay = jnp.asarray(layer, jnp.int32).reshape(1)
     kern = functools.partial(_tile_kernel, block_q=block_q, block_kv=block_kv, steps=steps, npb=npb, S=S,
-                             G=G, D=D, dtype=q.dtype, qk_scale=scale * math.log2(math.e))
+                             G=G, D=D, B=B, dtype=q.dtype, qk_scale=scale * math.log2(math.e))
 
     def entry(*refs):
         tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         pl.run_scoped(
             lambda *a: kern(*refs, a),
             (plgpu.SMEM((2, block_q, D), q.dtype, transforms=tf),
+             plgpu.SMEM((2, block_q, D), q.dtype),  # untiled: row-granular output stores
              plgpu.SMEM((steps, block_kv, D), q.dtype, transforms=tf),
              plgpu.SMEM((steps, block_kv, D), q.dtype, transforms=tf)),
             (plgpu.Barrier(num_arrivals=npb, num_barriers=steps),
@@ -193,8 +224,13 @@ def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg")
 
-    out_pad = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct(q_pad.shape, q.dtype),
-                           grid=(H, NB), grid_names=("heads", "tiles"), num_threads=3, thread_name="wg",
-                           compiler_params=plgpu.CompilerParams(approx_math=True))(
-        q_pad, k_pool, v_pool, lay, pt, bseq, bstart, q_lens, kv_lens.astype(jnp.int32))
-    return jnp.where(valid[:, None, None], out_pad[prow], 0).astype(q.dtype)
+    args = (q_in, k_pool, v_pool, lay, pt, cu, tseq, tblk, kvl)
+    mesh = dict(grid=(H, NB), grid_names=("heads", "tiles"), num_threads=3, thread_name="wg",
+                compiler_params=plgpu.CompilerParams(approx_math=True))
+    if poison:  # the output as a mutable ref the kernel writes into
+        out = jax.new_ref(jnp.full((Tp, H, D), jnp.nan, q.dtype))
+        plgpu.kernel(entry, out_type=(), **mesh)(*args, out)
+        out = out[...]
+    else:
+        out = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((Tp, H, D), q.dtype), **mesh)(*args)
+    return out if Tp == T else out[:T]

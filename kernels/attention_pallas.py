@@ -269,7 +269,7 @@ def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_
                 else "triton")
     if impl == "mgpu":
         return attention_mgpu.paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens,
-                                                      kv_lens, scale=scale)
+                                                      kv_lens, scale=scale, poison=poison)
     T, H, D = q.shape
     KV = k_pool.shape[3]
     if not supported(D):

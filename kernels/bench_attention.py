@@ -283,15 +283,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--sweep", action="store_true", help="also sweep our kernels' tile choices")
+    ap.add_argument("--only", nargs="+", choices=["decode", "prefill", "movement"],
+                    default=["decode", "prefill", "movement"], help="which kernels to measure")
     a = ap.parse_args()
     rows, bw, fl = ceilings(a.quick)
     if a.sweep and not a.quick:
         sweep(bw, fl)
     cases = [(2, 64)] if a.quick else [(64, 2048), (64, 512), (64, 8192), (1, 2048), (256, 2048)]
-    for B, ctx in cases:
+    for B, ctx in cases if "decode" in a.only else ():
         run_decode(rows, bw, B, ctx, a.quick)
-    run_prefill(rows, fl, 128 if a.quick else 4096, a.quick)
-    run_movement(rows, bw, a.quick)
+    if "prefill" in a.only:
+        run_prefill(rows, fl, 128 if a.quick else 4096, a.quick)
+    if "movement" in a.only:
+        run_movement(rows, bw, a.quick)
     print(f"device: {jax.devices()[0].device_kind}; decode and KV movement: TB/s of bytes that must move, "
           "ratio to the copy ceiling; prefill: TFLOP/s, ratio to the matmul")
     print(f"{'case':<30} {'implementation':<40} {'ms':>9} {'TB/s|TFLOP/s':>13} {'ratio':>7}")
