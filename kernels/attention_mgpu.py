@@ -29,9 +29,29 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
+def _interpret_params():
+    """Mosaic GPU's CPU interpreter (simulated SMEM, TMA, barriers, warpgroups) off a GPU:
+    what lets the CPU suite run this kernel's code; None on a GPU."""
+    if jax.devices()[0].platform == "gpu":
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public name in JAX 0.10
+
+    return InterpretGPUParams()
+
+
 def supported(dtype, head_dim: int, page_size: int, block_kv: int = 128) -> bool:
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim in (64, 128)
             and page_size % 8 == 0 and block_kv % page_size == 0)
+
+
+def _cast(x, layout, interpret: bool):  # (the CPU interpreter has no layouts)
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def _iota(shape, dim, interpret: bool):
+    if interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
 def _store_rows(o_smem, out_ref, head, row0, lo, hi, block_q: int):
@@ -48,7 +68,7 @@ def _store_rows(o_smem, out_ref, head, row0, lo, hi, block_q: int):
 
 
 def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, cu_ref, tseq_ref, tblk_ref, kvlen_ref, out_ref,
-                 scoped, *, block_q, block_kv, steps, npb, S, G, D, B, dtype, qk_scale):
+                 scoped, *, block_q, block_kv, steps, npb, S, G, D, B, dtype, qk_scale, interpret):
     (q_smem2, o_smem2, k_smem, v_smem), (k_bar, v_bar, q_bar), (k_free, v_free), sched = scoped
     b = lax.axis_index("tiles")
     head = lax.axis_index("heads")
@@ -74,7 +94,7 @@ def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, cu_ref, tseq_ref, tblk_re
     @pl.when(active & is_pad & (wg < 2))
     def _zeros():
         o_smem = o_smem2.at[wg]
-        o_smem[...] = plgpu.layout_cast(jnp.full((block_q, D), 0, dtype), plgpu.Layout.WGMMA)
+        o_smem[...] = _cast(jnp.full((block_q, D), 0, dtype), plgpu.Layout.WGMMA, interpret)
         plgpu.commit_smem()
         _store_rows(o_smem, out_ref, head, row0, lo, hi, block_q)
         plgpu.wait_smem_to_gmem(0)
@@ -88,10 +108,10 @@ def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, cu_ref, tseq_ref, tblk_re
         full = jnp.clip(lax.div(prefix + local + lo + 1, bkv), 0, kv_steps)  # steps needing no mask
         plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, block_q), head], q_smem, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
-        m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((block_q, D), 0, jnp.float32), plgpu.Layout.WGMMA)
-        plgpu.barrier_wait(k_bar.at[0])
+        m_i = _cast(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1), interpret)
+        l_i = _cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1), interpret)
+        acc = _cast(jnp.full((block_q, D), 0, jnp.float32), plgpu.Layout.WGMMA, interpret)
+        pl.when(kv_steps > 0)(lambda: plgpu.barrier_wait(k_bar.at[0]))
         pl.when(wg == 1)(sched_barrier)
 
         def step(kv_step, carry, masked: bool):
@@ -102,11 +122,15 @@ def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, cu_ref, tseq_ref, tblk_re
                 plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                 sched_barrier()
                 return acc_ref[...]
-            s = pl.run_scoped(qk_scope, plgpu.ACC((block_q, block_kv), jnp.float32)) * qk_scale
+            if interpret:  # the CPU interpreter: the same product by jnp (no wgmma of a transposed ref)
+                s = jnp.dot(q_smem[...], k_smem[slot].T, preferred_element_type=jnp.float32)
+                sched_barrier()
+            else:
+                s = pl.run_scoped(qk_scope, plgpu.ACC((block_q, block_kv), jnp.float32))
+            s = s * qk_scale
             plgpu.barrier_arrive(k_free.at[slot])
             if masked:  # causal, positions offset by the prefix
-                rows = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
-                cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+                rows, cols = (_iota((block_q, block_kv), d, interpret) for d in (0, 1))
                 s = jnp.where(rows + (prefix + local) >= cols + kv_step * block_kv, s, -jnp.inf)
             m_new = jnp.maximum(m_i, s.max(axis=1))
             alpha = jnp.exp2(m_i - m_new)
@@ -119,20 +143,31 @@ def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, cu_ref, tseq_ref, tblk_re
             plgpu.barrier_wait(v_bar.at[slot])
             plgpu.barrier_wait(sched)
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            def wait_next_k():
                 nxt = kv_step + 1
 
                 @pl.when(nxt < kv_steps)
                 def _():
                     plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.array(steps, nxt.dtype))])
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                wait_next_k()
+            if interpret:  # (no run_state in the CPU interpreter)
+                acc = acc + jnp.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
+                wait_next_k()
+            else:
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l_i
 
         def drain(kv_step, _):  # blocks only the other warpgroup needs: release our claim
             slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
+            # (every phase of a barrier observed by each warpgroup that waits on it: the
+            # interpreter checks that; on the GPU these loads are the other group's anyway)
+            plgpu.barrier_wait(k_bar.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_wait(v_bar.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
             sched_barrier()
             sched_barrier()
@@ -170,6 +205,12 @@ def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, cu_ref, tseq_ref, tblk_re
             plgpu.barrier_wait(v_free.at[slot])
             load(kv_step + steps, slot)
 
+        @pl.loop(jnp.maximum(tile_kv_steps - steps, 0), tile_kv_steps)
+        def _(kv_step):  # the last use of each slot (observed, like every other phase)
+            slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
 
 def aligned_tiles(cu_q_lens, num_tiles: int, tile: int):
     """Tiles of q rows aligned to multiples of ``tile``: one per (segment, aligned block it
@@ -206,8 +247,10 @@ def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_
     cols = -(-page_table.shape[1] // npb) * npb  # whole K/V blocks of page ids
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, cols - page_table.shape[1])))
     lay = jnp.asarray(layer, jnp.int32).reshape(1)
+    interp = _interpret_params()
     kern = functools.partial(_tile_kernel, block_q=block_q, block_kv=block_kv, steps=steps, npb=npb, S=S,
-                             G=G, D=D, B=B, dtype=q.dtype, qk_scale=scale * math.log2(math.e))
+                             G=G, D=D, B=B, dtype=q.dtype, qk_scale=scale * math.log2(math.e),
+                             interpret=interp is not None)
 
     def entry(*refs):
         tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -226,8 +269,9 @@ def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_
 
     args = (q_in, k_pool, v_pool, lay, pt, cu, tseq, tblk, kvl)
     mesh = dict(grid=(H, NB), grid_names=("heads", "tiles"), num_threads=3, thread_name="wg",
-                compiler_params=plgpu.CompilerParams(approx_math=True))
-    if poison:  # the output as a mutable ref the kernel writes into
+                compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interp)
+    if poison and interp is None:  # the output as a mutable ref the kernel writes into (the
+        # interpreter starts every buffer as NaN by itself)
         out = jax.new_ref(jnp.full((Tp, H, D), jnp.nan, q.dtype))
         plgpu.kernel(entry, out_type=(), **mesh)(*args, out)
         out = out[...]

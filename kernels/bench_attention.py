@@ -201,6 +201,42 @@ def run_prefill(rows, flops_ceiling, T, quick):
                          f"{str(e)[:80]}", 0, 0, 0))
 
 
+def run_prefill_ragged(rows, flops_ceiling, quick):
+    """An engine-like prefill batch: 8 chunks of uneven lengths (ends mid-tile) after cached
+    prefixes, 4096 query tokens in all; FLOPs counted per query row over the keys it sees."""
+    H, KV, D, S = (8, 2, 64, 16) if quick else (32, 8, 128, 16)
+    chunks = [16, 40, 9, 64, 3, 24, 8, 36] if quick else [300, 700, 129, 1000, 467, 800, 200, 500]
+    prefix = [0, 512, 1000, 0, 256, 2000, 64, 1024]
+    kv = [p + m for p, m in zip(prefix, chunks)]
+    need = [-(-n // S) for n in kv]
+    rng = np.random.default_rng(1)
+    P = 1 + sum(need)
+    perm = rng.permutation(np.arange(1, P)).astype(np.int32)
+    table = np.zeros((len(kv), max(need)), np.int32)
+    off = 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[off:off + n]
+        off += n
+    T = sum(chunks)
+    q = jax.random.normal(jax.random.key(6), (T, H, D), jnp.bfloat16)
+    kp = jax.random.normal(jax.random.key(7), (1, P, S, KV, D), jnp.bfloat16)
+    vp = jax.random.normal(jax.random.key(8), (1, P, S, KV, D), jnp.bfloat16)
+    args = (jnp.asarray(table), jnp.asarray(np.concatenate([[0], np.cumsum(chunks)]), jnp.int32),
+            jnp.asarray(kv, jnp.int32))
+    flops = 4 * H * D * sum(m * p + m * (m + 1) / 2 for p, m in zip(prefix, chunks))
+    case = f"prefill ragged 8 chunks T={T}"
+    want = jax.jit(lambda q, k, v, pt, cu, kl: ref.paged_prefill_attention(
+        q, k, v, 0, pt, cu, kl, max_q_len=max(chunks), scale=D ** -0.5))(q, kp, vp, *args)
+    for name, kw in (("ours (auto)", {}), ("ours, Pallas-Triton", {"impl": "triton"})):
+        if kw and jax.devices()[0].platform != "gpu":
+            continue
+        f = jax.jit(lambda q, k, v, pt, cu, kl, kw=kw: pk.paged_prefill_attention(
+            q, k, v, 0, pt, cu, kl, max_q_len=max(chunks), scale=D ** -0.5, **kw))
+        err = rel_err(f(q, kp, vp, *args), want)
+        t = bench(f, q, kp, vp, *args, iters=10)
+        rows.append((case, f"{name} (pages, err {err:.1e})", t, flops / t / 1e12, flops / t / flops_ceiling))
+
+
 def run_movement(rows, bw, quick):
     """KV write of one step (decode 64 tokens, prefill 4096) and page staging of 256 pages x all
     layers: XLA's scatter/gather against ours, bytes moved against the copy ceiling."""
@@ -294,6 +330,7 @@ def main() -> None:
         run_decode(rows, bw, B, ctx, a.quick)
     if "prefill" in a.only:
         run_prefill(rows, fl, 128 if a.quick else 4096, a.quick)
+        run_prefill_ragged(rows, fl, a.quick)
     if "movement" in a.only:
         run_movement(rows, bw, a.quick)
     print(f"device: {jax.devices()[0].device_kind}; decode and KV movement: TB/s of bytes that must move, "

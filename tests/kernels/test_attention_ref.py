@@ -1,10 +1,18 @@
 """The jnp paged-attention reference against dense attention on contiguous K/V."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kernels import attention_ref as ref
+
+
+@pytest.fixture(autouse=True)
+def _exact_matmuls():
+    """float32 matmuls in full precision (XLA on a GPU would use TF32: 4e-4 off)."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 def _setup(rng, lens, page_size, KV, Dh, L=2, extra_pages=3, dtype=np.float32):
