@@ -119,7 +119,7 @@ def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, cu_ref, tseq_ref, tblk_re
             slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
 
             def qk_scope(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
                 sched_barrier()
                 return acc_ref[...]
             if interpret:  # the CPU interpreter: the same product by jnp (no wgmma of a transposed ref)
