@@ -139,13 +139,14 @@ def test_prefill_mgpu_tiles_and_prefixes_gpu(seqs):
     _prefill_case(16, 4, 128, jnp.bfloat16, seqs, impl="mgpu")
 
 
-@pytest.mark.parametrize("S,G,D,seqs", [(16, 2, 64, [(40, 40), (150, 20), (5, 5)]),
-                                         (32, 1, 128, [(300, 3), (129, 128), (1, 1)])])
-def test_prefill_mgpu_matches_reference(S, G, D, seqs):
+@pytest.mark.parametrize("S,G,D,seqs,pad", [(16, 2, 64, [(40, 40), (150, 20), (5, 5)], 5),
+                                             (32, 1, 128, [(300, 3), (129, 124), (1, 1)], 0)])
+def test_prefill_mgpu_matches_reference(S, G, D, seqs, pad):
     """The Mosaic GPU kernel's own code on CPU (its interpreter simulates SMEM, TMA,
     barriers and warpgroups; out-of-bounds reads raise): chunks after prefixes, tiles
-    shared by two chunks, a lone token, padding rows."""
-    _prefill_case(S, G, D, jnp.bfloat16, seqs, impl="mgpu")
+    shared by two chunks, a lone token, padding rows; q of whole tiles (T = 128, read in
+    place) and not (padded by the wrapper)."""
+    _prefill_case(S, G, D, jnp.bfloat16, seqs, pad=pad, impl="mgpu")
 
 
 def test_prefill_mgpu_poison_shows_an_unwritten_row(monkeypatch):
