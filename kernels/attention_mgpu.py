@@ -28,6 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.attention_pallas import segment_slots
+
 
 def _interpret_params():
     """Mosaic GPU's CPU interpreter (simulated SMEM, TMA, barriers, warpgroups) off a GPU:
@@ -217,12 +219,8 @@ def aligned_tiles(cu_q_lens, num_tiles: int, tile: int):
     touches), segment i = rows cu_q_lens[i]:cu_q_lens[i+1]. -> (segment of each of the
     num_tiles tiles, its block index; -1 for unused tiles)."""
     cs, ce = cu_q_lens[:-1], cu_q_lens[1:]
-    n = jnp.where(ce > cs, (ce + tile - 1) // tile - cs // tile, 0)
-    cum = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(n).astype(jnp.int32)])
-    i = jnp.arange(num_tiles, dtype=jnp.int32)
-    seg = jnp.clip(jnp.searchsorted(cum, i, side="right").astype(jnp.int32) - 1, 0, n.shape[0] - 1)
-    blk = jnp.where(i < cum[-1], cs[seg] // tile + i - cum[seg], -1)
-    return seg, blk.astype(jnp.int32)
+    seg, k, used = segment_slots(jnp.where(ce > cs, (ce + tile - 1) // tile - cs // tile, 0), num_tiles)
+    return seg, jnp.where(used, cs[seg] // tile + k, -1).astype(jnp.int32)
 
 
 def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_lens, *, scale,

@@ -232,12 +232,14 @@ def _prefill_kernel(layer_ref, pt_ref, lens_ref, cu_ref, bseq_ref, bstart_ref, q
     plgpu.store(o_ref.at[rows, heads, d], o.astype(o_ref.dtype), mask=rmask)
 
 
-def blocks_before(cu_q_lens, block_q: int):
-    """[B+1]: how many blocks of at most block_q tokens (never crossing a sequence) come
-    before each sequence's first block (the last entry: all of them)."""
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    nb = (q_lens + block_q - 1) // block_q
-    return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(nb).astype(jnp.int32)])
+def segment_slots(counts, num_slots: int):
+    """Number the items of consecutive segments (counts[i] items in segment i) over
+    num_slots slots: (segment of each slot, its index within that segment, whether the
+    slot holds an item at all; unused slots are past every item)."""
+    cum = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
+    i = jnp.arange(num_slots, dtype=jnp.int32)
+    seg = jnp.clip(jnp.searchsorted(cum, i, side="right").astype(jnp.int32) - 1, 0, counts.shape[0] - 1)
+    return seg, i - cum[seg], i < cum[-1]
 
 
 def prefill_blocks(cu_q_lens, num_blocks: int, block_q: int):
@@ -245,10 +247,8 @@ def prefill_blocks(cu_q_lens, num_blocks: int, block_q: int):
     sequence: (sequence of each block, first token of each block). Unused blocks get a
     start past their sequence's end, so they do nothing."""
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    cum = blocks_before(cu_q_lens, block_q)
-    i = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cum, i, side="right").astype(jnp.int32) - 1, 0, q_lens.shape[0] - 1)
-    start = jnp.where(i < cum[-1], cu_q_lens[seq] + (i - cum[seq]) * block_q, cu_q_lens[seq + 1])
+    seq, k, used = segment_slots((q_lens + block_q - 1) // block_q, num_blocks)
+    start = jnp.where(used, cu_q_lens[seq] + k * block_q, cu_q_lens[seq + 1])
     return seq, start.astype(jnp.int32)
 
 

@@ -148,29 +148,14 @@ def run_prefill(rows, flops_ceiling, T, quick):
     pool = lambda x: jnp.zeros((1, P + 1, S, KV, D), x.dtype).at[0, perm].set(x.reshape(P, S, KV, D))  # noqa: E731
     kp, vp = pool(kc), pool(vc)
     flops = 4 * T * T / 2 * H * D
-    ours = jax.jit(lambda q, k, v: ref.paged_prefill_attention(
-        q, k, v, 0, jnp.asarray(perm)[None], jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32),
-        max_q_len=T, scale=D ** -0.5))
+    paged = (jnp.asarray(perm)[None], jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32))
+    ours = jax.jit(lambda q, k, v: ref.paged_prefill_attention(q, k, v, 0, *paged, max_q_len=T, scale=D ** -0.5))
     out_ref = ours(q, kp, vp)
     t = bench(ours, q, kp, vp, iters=5)
     rows.append((f"prefill T={T}", "jnp reference (pages)", t, flops / t / 1e12, flops / t / flops_ceiling))
-    mine = jax.jit(lambda q, k, v: pk.paged_prefill_attention(
-        q, k, v, 0, jnp.asarray(perm)[None], jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32),
-        max_q_len=T, scale=D ** -0.5, **PREFILL_KW))
-    err = rel_err(mine(q, kp, vp), out_ref)
-    t = bench(mine, q, kp, vp, iters=10)
-    rows.append((f"prefill T={T}", f"ours (auto: Mosaic GPU on a GPU; pages, err {err:.1e})", t, flops / t / 1e12,
-                 flops / t / flops_ceiling))
+    ours_prefill_rows(rows, f"prefill T={T}", (q, kp, vp, *paged), T, out_ref, flops, flops_ceiling)
     if jax.devices()[0].platform != "gpu":
         return
-    # the same call with the Triton-lowered kernel (auto takes Mosaic GPU on a GPU)
-    tri = jax.jit(lambda q, k, v: pk.paged_prefill_attention(
-        q, k, v, 0, jnp.asarray(perm)[None], jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32),
-        max_q_len=T, scale=D ** -0.5, impl="triton", **PREFILL_KW))
-    err = rel_err(tri(q, kp, vp), out_ref)
-    t = bench(tri, q, kp, vp, iters=10)
-    rows.append((f"prefill T={T}", f"ours, Pallas-Triton (pages, err {err:.1e})", t, flops / t / 1e12,
-                 flops / t / flops_ceiling))
     try:
         rep = H // KV
         cud = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
@@ -227,13 +212,20 @@ def run_prefill_ragged(rows, flops_ceiling, quick):
     case = f"prefill ragged 8 chunks T={T}"
     want = jax.jit(lambda q, k, v, pt, cu, kl: ref.paged_prefill_attention(
         q, k, v, 0, pt, cu, kl, max_q_len=max(chunks), scale=D ** -0.5))(q, kp, vp, *args)
-    for name, kw in (("ours (auto)", {}), ("ours, Pallas-Triton", {"impl": "triton"})):
+    ours_prefill_rows(rows, case, (q, kp, vp, *args), max(chunks), want, flops, flops_ceiling)
+
+
+def ours_prefill_rows(rows, case, args, max_q_len, want, flops, flops_ceiling):
+    """Rows for our prefill entry point on args (q, k_pool, v_pool, page_table, cu, kv_lens;
+    layer 0): impl=auto (Mosaic GPU on a GPU), then on a GPU the Triton-lowered kernel."""
+    D = args[0].shape[-1]
+    for name, kw in (("ours (auto: Mosaic GPU on a GPU)", {}), ("ours, Pallas-Triton", {"impl": "triton"})):
         if kw and jax.devices()[0].platform != "gpu":
             continue
         f = jax.jit(lambda q, k, v, pt, cu, kl, kw=kw: pk.paged_prefill_attention(
-            q, k, v, 0, pt, cu, kl, max_q_len=max(chunks), scale=D ** -0.5, **kw))
-        err = rel_err(f(q, kp, vp, *args), want)
-        t = bench(f, q, kp, vp, *args, iters=10)
+            q, k, v, 0, pt, cu, kl, max_q_len=max_q_len, scale=D ** -0.5, **kw, **PREFILL_KW))
+        err = rel_err(f(*args), want)
+        t = bench(f, *args, iters=10)
         rows.append((case, f"{name} (pages, err {err:.1e})", t, flops / t / 1e12, flops / t / flops_ceiling))
 
 

@@ -134,8 +134,8 @@ def test_prefill_triton_lowering_matches_reference_gpu(S, G, D):
 @pytest.mark.gpu
 @pytest.mark.parametrize("seqs", [[(4096, 4096)], [(1, 1)], [(300, 3), (129, 128), (2000, 1000), (5, 5)]])
 def test_prefill_mgpu_tiles_and_prefixes_gpu(seqs):
-    """Guards the Mosaic GPU kernel's tile cutting: whole tiles, a lone token, chunks after
-    prefixes that end mid-block, tiles shared by no two sequences."""
+    """Guards the Mosaic GPU kernel's tiles at the benchmark's head shape: whole tiles, a
+    lone token, chunks after prefixes that end mid-tile (a tile shared by two chunks)."""
     _prefill_case(16, 4, 128, jnp.bfloat16, seqs, impl="mgpu")
 
 
