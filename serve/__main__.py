@@ -19,7 +19,8 @@ def build_pd_worker(cfg):
     from toolkit.engine.engine import Engine
 
     validate(cfg)
-    engine = Engine.from_config(cfg.model, cfg.engine, keep_pages_on_finish=cfg.role.name == "prefill")
+    engine = Engine.from_config(cfg.model, cfg.engine, keep_pages_on_finish=cfg.role.name == "prefill",
+                                cache=cfg.cache)
     return make_worker(cfg.role.name, engine, cfg.transfer, cfg.role.control_address)
 
 

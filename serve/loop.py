@@ -39,6 +39,11 @@ class EngineLoop:
         self._calls.put((fn, aloop, fut))
         return fut
 
+    def call_soon(self, fn: Callable[[], Any]) -> None:
+        """Run fn on the loop thread, not waiting for it (its result and errors are dropped;
+        errors are logged)."""
+        self._calls.put((fn, None, None))
+
     @staticmethod
     def emit(aloop: asyncio.AbstractEventLoop, q: asyncio.Queue, item: Any) -> None:
         aloop.call_soon_threadsafe(q.put_nowait, item)
@@ -52,9 +57,13 @@ class EngineLoop:
                     break
                 try:
                     res = fn()
-                    aloop.call_soon_threadsafe(_resolve, fut, res, None)
+                    if fut is not None:
+                        aloop.call_soon_threadsafe(_resolve, fut, res, None)
                 except Exception as e:  # the caller gets the error; the loop goes on
-                    aloop.call_soon_threadsafe(_resolve, fut, None, e)
+                    if fut is None:
+                        log.exception("call on the loop thread failed")
+                    else:
+                        aloop.call_soon_threadsafe(_resolve, fut, None, e)
             try:
                 self.worker.tick()
                 self.worker.forget_done()

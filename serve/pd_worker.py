@@ -34,9 +34,7 @@ class PDRequest(BaseModel):
 
 def _params(d: dict[str, Any]) -> SamplingParams:
     try:
-        p = SamplingParams(**d)
-        p.validate()
-        return p
+        return SamplingParams.from_dict(d)
     except (TypeError, ValueError) as e:
         raise HTTPException(400, f"params: {e}")
 
@@ -81,8 +79,8 @@ def create_app(worker) -> FastAPI:
     @app.get("/pd/stats")
     async def stats():
         def read():
-            a = worker.engine.allocator
-            return {"pages_used": a.num_used, "pages_usable": a.num_usable, "aux_free": worker.aux.num_free,
+            e = worker.engine.stats()
+            return {"pages_used": e.pages_used, "pages_usable": e.pages_usable, "aux_free": worker.aux.num_free,
                     "aux_slots": worker.tcfg.max_rooms, "rooms_active": len(worker.active_rooms()),
                     "idle": worker.idle(), "mem_type": getattr(getattr(worker.backend, "spec", None),
                                                                   "mem_type", "?"), **worker.stats}
@@ -128,8 +126,7 @@ def create_app(worker) -> FastAPI:
                         if "error" in item or "finish_reason" in item:
                             return
                 finally:  # client went away (or we are done): stop the room if it still runs
-                    loop._calls.put((lambda: worker.abort(req.room, "client disconnected"),
-                                     aloop, aloop.create_future()))
+                    loop.call_soon(lambda: worker.abort(req.room, "client disconnected"))
 
             return StreamingResponse(events(), media_type="application/x-ndjson")
 

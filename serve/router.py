@@ -121,7 +121,7 @@ class RouterBackend:
 
     async def _run(self, pre: WorkerState, dec: WorkerState, ids, params: SamplingParams, rid, q) -> None:
         room = random.getrandbits(62)
-        body = {"room": room, "prompt_ids": ids, "params": _params_json(params)}
+        body = {"room": room, "prompt_ids": ids, "params": params.to_dict()}
         pre.in_flight += 1
         dec.in_flight += 1
         try:
@@ -156,12 +156,6 @@ class RouterBackend:
     def _fail(self, q: asyncio.Queue, msg: str) -> None:
         self.stats["errors"] += 1
         q.put_nowait({"error": msg})
-
-
-def _params_json(p: SamplingParams) -> dict:
-    return {k: v for k, v in dataclasses.asdict(p).items()
-            if k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids",
-                     "ignore_eos")}
 
 
 def create_router_app(backend: RouterBackend):

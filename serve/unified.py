@@ -25,7 +25,6 @@ class UnifiedWorker:
 
     def end(self, seq) -> None:
         emit = self.emitters.pop(seq.request_id, None)
-        self.engine.seqs.pop(seq.request_id, None)
         if emit is not None:
             emit({"finish_reason": seq.finish_reason})
 
@@ -76,16 +75,15 @@ class UnifiedBackend:
 
     async def abort(self, rid: str) -> None:
         def stop():
-            seq = self.engine.seqs.get(rid)
-            if seq is not None and not seq.is_finished:
-                self.engine.abort(rid)
+            seq = self.engine.abort(rid)
+            if seq is not None:
                 self.worker.end(seq)
         await self.loop.call(stop)
 
     def load(self) -> dict[str, int]:
-        s = self.engine.scheduler
-        return {"waiting": len(s.waiting), "running": len(s.running),
-                "pages_in_use": self.engine.allocator.num_used, "in_flight": len(self.worker.emitters)}
+        s = self.engine.stats()
+        return {"waiting": s.waiting, "running": s.running, "pages_in_use": s.pages_used,
+                "in_flight": len(self.worker.emitters)}
 
 
 def create_unified_app(engine: Engine, model_name: str, max_queue: int = 256):

@@ -53,8 +53,9 @@ def make_engine():
 
     yield make
     for e in made:
-        assert e.allocator.all_free(), f"{e.allocator.num_used} pages still in use after the test"
-        assert not e.scheduler.running and not e.scheduler.waiting
+        st = e.stats()
+        assert st.pages_used == 0, f"{st.pages_used} pages still in use after the test"
+        assert not st.running and not st.waiting
 
 
 def pytest_collection_modifyitems(config, items):

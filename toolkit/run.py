@@ -33,7 +33,7 @@ def build_engine(cfg):
     from toolkit.engine.engine import Engine
 
     validate(cfg)
-    return Engine.from_config(cfg.model, cfg.engine)
+    return Engine.from_config(cfg.model, cfg.engine, cache=cfg.cache)
 
 
 def pd_job(cfg) -> None:
@@ -84,7 +84,7 @@ def main_job(cfg) -> None:
     sys.stdout.flush()
     n, ttft = len(seq.output_ids), seq.first_token_time - seq.arrival_time
     # Time spent compiling new shapes is reported apart from the generation rate.
-    compile_s = engine.runner.compile_seconds
+    compile_s = engine.stats().compile_seconds
     rate = n / max(dt - compile_s, 1e-9)
     print(f"[stats] prompt_tokens={len(seq.prompt_ids)} generated_tokens={n} "
           f"ttft={ttft * 1000:.1f}ms tokens/s={rate:.1f} total={dt:.2f}s "

@@ -65,6 +65,7 @@ def make_pair(request):
     yield make
     for pair in made:
         for w in (pair.prefill, pair.decode):
-            assert w.engine.allocator.all_free(), f"{w.role}: {w.engine.allocator.num_used} pages in use"
+            used = w.engine.stats().pages_used
+            assert used == 0, f"{w.role}: {used} pages in use"
             assert w.aux.num_free == w.tcfg.max_rooms, f"{w.role}: aux slots leaked"
         pair.close()

@@ -46,14 +46,14 @@ def test_kv_pool_address_stable_under_donation(tiny_ckpt, make_engine):
     """Guards against a step that copies the pool instead of updating the donated buffer in place
     (NIXL registers the address once)."""
     e = make_engine(tiny_ckpt)
-    before = e.runner.pool.buffer_pointers()
+    before = e.pool.buffer_pointers()
     for p in prompts(5, seed=3):
         e.add_request(p, dataclasses.replace(GREEDY, max_new_tokens=20))
     steps = 0
     while e.has_unfinished():
         e.step()
         steps += 1
-        assert e.runner.pool.buffer_pointers() == before, f"pool moved at step {steps}"
+        assert e.pool.buffer_pointers() == before, f"pool moved at step {steps}"
     assert steps > 20
 
 
@@ -64,11 +64,11 @@ def test_compilations_bounded_and_reused(tiny_ckpt, make_engine):
     params = [dataclasses.replace(GREEDY, max_new_tokens=int(n)) for n in np.random.default_rng(5).integers(1, 30, 12)]
     e.generate(work, params)
     first = e.num_compilations
-    assert 0 < first <= e.runner.max_compilations
+    assert 0 < first <= e.stats().max_compilations
     e.generate(work, params)
     assert e.num_compilations == first, "the same workload compiled again"
     e.generate(prompts(12, seed=6, lo=1, hi=100), params)
-    assert e.num_compilations <= e.runner.max_compilations
+    assert e.num_compilations <= e.stats().max_compilations
 
 
 def test_preemption_when_pool_runs_out_keeps_outputs(tiny_ckpt, make_engine):
@@ -79,7 +79,7 @@ def test_preemption_when_pool_runs_out_keeps_outputs(tiny_ckpt, make_engine):
     small = make_engine(tiny_ckpt, num_pages=24, chunk_size=16)
     got = small.generate(ps, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
-    assert small.scheduler.num_preemptions > 0, "the scenario did not exercise preemption"
+    assert small.stats().num_preemptions > 0, "the scenario did not exercise preemption"
 
 
 def test_max_new_tokens_and_stop_strings(tiny_ckpt, make_engine):
@@ -140,10 +140,10 @@ def test_abort_frees_pages(tiny_ckpt, make_engine):
     s = e.add_request(prompts(1, seed=13, lo=30, hi=31)[0], dataclasses.replace(GREEDY, max_new_tokens=50))
     for _ in range(3):
         e.step()
-    assert e.allocator.num_used > 0
+    assert e.stats().pages_used > 0
     e.abort(s.request_id)
     e.sync()  # (with overlap: the pages wait for the step in flight, see below)
-    assert e.allocator.all_free() and s.finish_reason == "abort"
+    assert e.stats().pages_used == 0 and s.finish_reason == "abort"
 
 
 def test_pages_freed_during_a_step_wait_for_it(tiny_ckpt, make_engine):
@@ -155,12 +155,12 @@ def test_pages_freed_during_a_step_wait_for_it(tiny_ckpt, make_engine):
     s = e.add_request(prompts(1, seed=13, lo=30, hi=31)[0], dataclasses.replace(GREEDY, max_new_tokens=50))
     for _ in range(3):
         e.step()
-    n_out, used = len(s.output_ids), e.allocator.num_used
+    n_out, used = len(s.output_ids), e.stats().pages_used
     assert e._inflight is not None and s.num_inflight == 1
     e.abort(s.request_id)
-    assert e.allocator.num_used == used, "pages freed while a step that writes them is in flight"
+    assert e.stats().pages_used == used, "pages freed while a step that writes them is in flight"
     assert e.step() == [] and len(s.output_ids) == n_out and s.num_inflight == 0
-    assert e.allocator.all_free() and not e.has_unfinished()
+    assert e.stats().pages_used == 0 and not e.has_unfinished()
 
 
 def test_bad_requests_rejected(tiny_ckpt, make_engine):
@@ -228,7 +228,7 @@ def test_overlapped_steps_equal_lockstep(tiny_ckpt, make_engine, num_pages):
         np.testing.assert_allclose(g[1], r[1], rtol=1e-3, atol=1e-4)
     assert ref[3][2] == "stop" and ref[4][2] == "length" and len(ref[0][0]) == 1
     if num_pages == 40:
-        assert e.scheduler.num_preemptions > 0, "the scenario did not exercise preemption"
+        assert e.stats().num_preemptions > 0, "the scenario did not exercise preemption"
 
 
 def test_overlap_preempts_no_more_than_lockstep(tiny_ckpt, make_engine):
@@ -241,7 +241,7 @@ def test_overlap_preempts_no_more_than_lockstep(tiny_ckpt, make_engine):
     for overlap in (False, True):
         e = make_engine(tiny_ckpt, num_pages=41, overlap_schedule=overlap)
         outs.append([o.token_ids for o in e.generate(ps, params)])
-        counts.append(e.scheduler.num_preemptions)
+        counts.append(e.stats().num_preemptions)
     assert counts[0] > 0, "the scenario did not exercise preemption"
     assert counts[1] <= counts[0] + 2, f"overlap preempted {counts[1]} times, lockstep {counts[0]}"
     assert outs[0] == outs[1]
@@ -256,4 +256,23 @@ def test_stream_leaves_other_requests_tokens_for_the_next_step(tiny_ckpt, make_e
         pass
     assert other.is_finished
     assert other in e.step()
-    e.seqs.pop(other.request_id, None)
+    assert not e.seqs, "a finished request stayed in the engine's table"
+
+
+def test_finished_requests_leave_the_engine_by_themselves(tiny_ckpt, make_engine):
+    """Guards against a finished (or aborted) request staying in the engine's table until a
+    driver remembers to drop it (every driver once popped ``engine.seqs`` by hand), and
+    against an id that cannot be used again after its request ended."""
+    e = make_engine(tiny_ckpt)
+    a = e.add_request(prompts(1, seed=50)[0], dataclasses.replace(GREEDY, max_new_tokens=3), request_id="x")
+    b = e.add_request(prompts(1, seed=51)[0], dataclasses.replace(GREEDY, max_new_tokens=30))
+    while not a.is_finished:
+        e.step()
+    assert "x" not in e.seqs and e.abort("x") is None
+    assert e.abort(b.request_id) is b and b.finish_reason == "abort"
+    e.sync()
+    assert not e.seqs and e.stats().idle
+    e.generate([prompts(1, seed=52)[0]], GREEDY)
+    again = e.add_request([5, 6], GREEDY, request_id="x")
+    e.run_until_done()
+    assert again.is_finished and not e.seqs

@@ -8,7 +8,8 @@ from flax import nnx
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kernels.attention import REFERENCE
-from toolkit.models.llama import Llama, StepInputs, forward
+from toolkit.engine.inputs import StepInputs
+from toolkit.models.llama import Llama, forward
 from toolkit.models.spec import ModelArgs, check_weights
 
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 import bisect
 
 
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages that hold ``num_tokens`` tokens (the one ceil-div of pages in the project)."""
+    return -(-num_tokens // page_size)
+
+
 class PageAllocator:
     def __init__(self, num_pages: int):
         assert num_pages >= 2, "need the padding page plus at least one usable page"

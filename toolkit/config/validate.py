@@ -98,3 +98,8 @@ def validate_pd(role, t, disagg: bool = False) -> None:
     _need(t.quarantine_s >= 0, f"transfer.quarantine_s={t.quarantine_s} must be >= 0")
     _need(0 <= t.fault_rate <= 1, f"transfer.fault_rate={t.fault_rate} must be in [0, 1]")
     _need(t.max_rooms >= 1, f"transfer.max_rooms={t.max_rooms} must be >= 1")
+
+
+def validate_cache(c) -> None:
+    """The prefix-cache policy (the engine checks it again when built without ``validate``)."""
+    _one_of("cache.policy", c.policy, CACHE_POLICIES)

@@ -14,9 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
-
-from toolkit.disagg.protocol import RoomMeta, RoomState, pages_checksum, parse_notif
+from toolkit.disagg.protocol import RoomMeta, RoomState, parse_notif
 from toolkit.disagg.room import Room, WorkerBase, num_prompt_pages
 from toolkit.engine.request import SamplingParams, Sequence
 
@@ -42,9 +40,7 @@ class DecodeWorker(WorkerBase):
         params.validate()
         self.engine.check_fits(list(prompt_ids), params)
         r = self._new_room(room, prompt_ids, params, prefill_addr, on_done)
-        r.seq = Sequence(list(prompt_ids), params, request_id=f"room-{room}", on_token=on_token)
-        if params.seed is not None:
-            r.seq.seed = params.seed
+        r.seq = Sequence(list(prompt_ids), params, request_id=f"room-{room}", on_token=on_token, room=room)
         self._pending.append(r)
         return r
 
@@ -73,14 +69,13 @@ class DecodeWorker(WorkerBase):
         self._timeouts()
 
     def _finished(self, seq: Sequence) -> None:
-        r = self.rooms.get(int(seq.request_id.split("-", 1)[1]))
+        r = self.rooms.get(seq.room)
         if r is not None and r.on_done is not None:
             r.on_done(r)
-        self.engine.seqs.pop(seq.request_id, None)
 
     def _admit_pending(self) -> None:
         """Pre-allocate pages in arrival order; stop at the first room that does not fit."""
-        S, alloc = self.page_size, self.engine.allocator
+        S = self.page_size
         while self._pending:
             r = self._pending[0]
             if r.state.done:
@@ -92,12 +87,12 @@ class DecodeWorker(WorkerBase):
                 continue
             self._handshake(r.peer_addr)
             need = num_prompt_pages(r, S)
-            busy = len(self.engine.scheduler.running) + sum(
+            busy = self.engine.stats().running + sum(
                 1 for x in self.active_rooms() if x.state is not RoomState.BOOTSTRAPPING)
-            if not alloc.can_allocate(need) or self.aux.num_free == 0 or busy >= self.engine.cfg.max_batch_size:
+            if not self.engine.can_reserve(need) or self.aux.num_free == 0 or busy >= self.engine.cfg.max_batch_size:
                 return
             self._pending.pop(0)
-            r.pages, r.aux_slot = alloc.allocate(need), self.aux.allocate()
+            r.pages, r.aux_slot = self.engine.reserve_pages(need), self.aux.allocate()
             r.meta = RoomMeta(r.room, list(r.pages), r.aux_slot, [], 0)
             self.control.send(r.peer_addr, r.meta.to_msg())
             log.debug("room %d: sent metadata (%d pages, aux slot %d)", r.room, need, r.aux_slot)
@@ -156,9 +151,7 @@ class DecodeWorker(WorkerBase):
             return self._fail(r, f"aux slot {r.aux_slot} holds room {int(rec['room'])}, expected room "
                                  f"{r.room}: slot mix-up", quarantine=False)
         if self.tcfg.checksum:
-            pages = np.asarray(r.pages, np.int32)
-            pool = self.engine.runner.pool
-            got = pages_checksum(np.asarray(pool.k[:, pages]), np.asarray(pool.v[:, pages]))
+            got = self._checksum(r.pages)
             if got != int(rec["checksum"]):
                 return self._fail(r, f"KV checksum mismatch for room {r.room}: prefill sent "
                                      f"{int(rec['checksum']):#x}, decode holds {got:#x}", quarantine=False)
@@ -166,9 +159,8 @@ class DecodeWorker(WorkerBase):
         r.aux_slot = None
         self.stats["rooms_ok"] += 1
         r.set(RoomState.SUCCESS)
-        seq = r.seq
-        seq.pages, r.pages = r.pages, []
-        self.engine.add_prefilled(seq, int(rec["token"]), float(rec["logprob"]))
+        seq, pages, r.pages = r.seq, r.pages, []
+        self.engine.add_prefilled(seq, pages, int(rec["token"]), float(rec["logprob"]))
         if seq.is_finished:  # max_new_tokens == 1 or a stop token: the aux record was the answer
             self._finished(seq)
 
@@ -198,7 +190,7 @@ class DecodeWorker(WorkerBase):
 
     def _free(self, r: Room) -> None:
         if r.pages:
-            self.engine.allocator.free(r.pages)
+            self.engine.free_pages(r.pages)
             r.pages = []
         if r.aux_slot is not None:
             self.aux.free(r.aux_slot)

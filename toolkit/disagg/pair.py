@@ -26,12 +26,12 @@ def make_backend(kind: str, agent_name: str, engine: Engine, aux: AuxBuffer, tcf
     if kind == "inproc":
         from toolkit.disagg.inproc_backend import InprocBackend
 
-        return InprocBackend(agent_name, engine.runner.pool, aux)
+        return InprocBackend(agent_name, engine.pool, aux)
     if kind == "nixl":
         from toolkit.disagg.nixl_backend import NixlBackend
         from toolkit.disagg.transfer import pool_spec
 
-        return NixlBackend(agent_name, pool_spec(engine.runner.pool), aux, backends=tuple(tcfg.nixl_backends))
+        return NixlBackend(agent_name, pool_spec(engine.pool), aux, backends=tuple(tcfg.nixl_backends))
     raise ValueError(f"transfer.backend={kind!r}; allowed: nixl, inproc")
 
 

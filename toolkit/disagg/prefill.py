@@ -13,10 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-import jax
-import numpy as np
-
-from toolkit.disagg.protocol import RoomMeta, RoomState, chunk_notif, last_notif, pages_checksum
+from toolkit.disagg.protocol import RoomMeta, RoomState, chunk_notif, last_notif
 from toolkit.disagg.room import Room, WorkerBase, num_prompt_pages
 from toolkit.disagg.transfer import LayoutMismatch, TransferError, XferStatus
 from toolkit.engine.request import SamplingParams
@@ -58,8 +55,7 @@ class PrefillWorker(WorkerBase):
             self._on_control(m)
         if self.engine.has_unfinished():
             self.engine.step()
-            # the step's KV writes must have landed before any WRITE reads the pool
-            jax.block_until_ready((self.engine.runner.pool.k, self.engine.runner.pool.v))
+            self.engine.wait_for_kv()  # the step's KV writes land before any WRITE reads the pool
         for r in self.active_rooms():
             if r.seq is not None and r.state in (RoomState.WAITING_FOR_INPUT, RoomState.TRANSFERRING):
                 self._post_ready(r)
@@ -107,6 +103,7 @@ class PrefillWorker(WorkerBase):
         try:
             r.seq = self.engine.add_request(r.prompt_ids, _first_token_only(r.params),
                                             request_id=f"room-{r.room}")
+            r.seq.room = r.room
         except ValueError as e:
             return self._fail(r, str(e), True)
         r.meta, r.aux_slot, r.pages_sent = meta, self.aux.allocate(), prefix_pages
@@ -145,7 +142,7 @@ class PrefillWorker(WorkerBase):
         r.src_pages += src
         r.last_posted = done
         self.stats["transfer_bytes"] += 2 * len(src) * self.engine.args.num_layers \
-            * self.engine.runner.pool.layout.page_bytes
+            * self.engine.pool.layout.page_bytes
         if r.state is RoomState.WAITING_FOR_INPUT:
             r.set(RoomState.TRANSFERRING)
 
@@ -153,11 +150,7 @@ class PrefillWorker(WorkerBase):
         rec = self.aux.records[r.aux_slot]
         rec["room"], rec["token"] = r.room, r.seq.output_ids[0]
         rec["logprob"], rec["num_pages"] = r.seq.output_logprobs[0], len(r.meta.dst_pages)
-        rec["checksum"] = 0
-        if self.tcfg.checksum:
-            pages = np.asarray(r.seq.pages[prefix_pages:], np.int32)
-            pool = self.engine.runner.pool
-            rec["checksum"] = pages_checksum(np.asarray(pool.k[:, pages]), np.asarray(pool.v[:, pages]))
+        rec["checksum"] = self._checksum(r.seq.pages[prefix_pages:]) if self.tcfg.checksum else 0
 
     def _poll(self) -> None:
         """Drive every in-flight transfer; a room succeeds when its last transfer is done."""
@@ -211,8 +204,8 @@ class PrefillWorker(WorkerBase):
     def _release(self, r: Room) -> None:
         """Free the room's pages and aux slot (no transfer reads them any more)."""
         if r.seq is not None and r.seq.pages:
-            self.engine.free_pages(r.seq)
-            self.engine.seqs.pop(r.seq.request_id, None)
+            self.engine.free_pages(r.seq.pages)
+            r.seq.pages = []
         if r.aux_slot is not None:
             self.aux.free(r.aux_slot)
             r.aux_slot = None

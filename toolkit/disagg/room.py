@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 import time
 from typing import Any, Callable, Optional
 
+from toolkit.cache.allocator import pages_for
 from toolkit.config.schema import TransferConfig
 from toolkit.disagg.control import ControlChannel
-from toolkit.disagg.protocol import RoomMeta, RoomState
+from toolkit.disagg.protocol import RoomMeta, RoomState, pages_checksum
 from toolkit.disagg.transfer import AuxBuffer, TransferBackend, TransferError
 from toolkit.engine.engine import Engine
 from toolkit.engine.request import SamplingParams, Sequence
@@ -60,7 +60,7 @@ class Room:
 
 
 def num_prompt_pages(room: Room, page_size: int) -> int:
-    return math.ceil(len(room.prompt_ids) / page_size)
+    return pages_for(len(room.prompt_ids), page_size)
 
 
 class WorkerBase:
@@ -86,12 +86,18 @@ class WorkerBase:
     def _new_room(self, room: int, prompt_ids: list[int], params: SamplingParams, peer_addr: str,
                   on_done) -> Room:
         old = self.rooms.get(room)
-        if old is not None and not old.state.done:
+        # (a room that ended but still holds pages or an aux slot, e.g. a transfer still in
+        # flight, keeps its record: replacing it would lose those)
+        if old is not None and (not old.state.done or self._holds(old)):
             raise ValueError(f"room {room} is already in use on this {self.role} worker")
         r = Room(room, list(prompt_ids), params, peer_addr, on_done=on_done)
         r.set(RoomState.BOOTSTRAPPING, time.perf_counter() + self.tcfg.bootstrap_timeout_s)
         self.rooms[room] = r
         return r
+
+    def _checksum(self, pages: list[int]) -> int:
+        """Digest of the KV of ``pages`` (every layer, K and V) as this side's pool holds it."""
+        return pages_checksum(*self.engine.read_pages(pages))
 
     def _inject_fault(self) -> bool:
         return self.tcfg.fault_rate > 0 and self._faults.random() < self.tcfg.fault_rate

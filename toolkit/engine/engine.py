@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
-import random
 import time
 from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from toolkit.cache.allocator import PageAllocator
-from toolkit.cache.pool import PoolLayout
+from toolkit.cache.allocator import PageAllocator, pages_for
+from toolkit.cache.pool import KVPool, PoolLayout
 from toolkit.config import validate as V
-from toolkit.config.schema import EngineConfig, ModelConfig
+from toolkit.config.schema import CacheConfig, EngineConfig, ModelConfig
 from toolkit.engine.request import RequestOutput, SamplingParams, Sequence, Status
 from toolkit.engine.runner import Launched, ModelRunner
 from toolkit.engine.scheduler import Scheduler
@@ -56,12 +56,41 @@ def pool_pages(ecfg: EngineConfig, page_bytes_all_layers: int) -> int:
     return max(2, int(free * ecfg.memory_fraction) // page_bytes_all_layers)
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """What drivers (servers, P/D workers, benchmarks, tests) read about an engine."""
+
+    waiting: int  # requests queued, not yet admitted (or preempted)
+    running: int  # requests admitted: prefilling or decoding
+    pages_used: int  # KV pages held by requests (or reserved for a P/D transfer)
+    pages_free: int
+    pages_usable: int  # the pool's pages but the padding page
+    num_preemptions: int
+    num_compilations: int  # executables of the jitted step so far
+    max_compilations: int  # the bound bucketing guarantees
+    compile_seconds: float  # host time spent compiling new shapes
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running and every page back."""
+        return not self.waiting and not self.running and self.pages_used == 0
+
+
 class Engine:
+    """The engine's public API is what drivers use: requests (``add_request``, ``abort``,
+    ``add_prefilled``), the step (``step``, ``sync``), ``stats``, and for transfer
+    backends the KV pool (``pool``, ``wait_for_kv``, ``read_pages``) and its pages
+    (``can_reserve``/``reserve_pages``, ``free_pages``). A request leaves the engine's
+    table when it finishes; its ``Sequence`` object keeps the result."""
+
     def __init__(self, ckpt: Checkpoint, ecfg: EngineConfig, dtype=jnp.float32,
-                 keep_pages_on_finish: bool = False):
+                 keep_pages_on_finish: bool = False, cache: CacheConfig | None = None):
         """keep_pages_on_finish: finished requests keep their pages until ``free_pages``
-        (the prefill role frees them once the KV transfer that reads them is done)."""
+        (the prefill role frees them once the KV transfer that reads them is done).
+        cache: the prefix-cache policy (``cache.policy``; only ``none`` exists yet)."""
         V.validate_engine(ecfg)
+        self.cache_cfg = cache or CacheConfig()
+        V.validate_cache(self.cache_cfg)
         self.keep_pages_on_finish = keep_pages_on_finish
         self.cfg = ecfg
         self.args = ckpt.args
@@ -84,15 +113,16 @@ class Engine:
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, ecfg: EngineConfig, progress: bool = True,
-                    keep_pages_on_finish: bool = False) -> "Engine":
+                    keep_pages_on_finish: bool = False, cache: CacheConfig | None = None) -> "Engine":
         """Validate everything first, then load weights, then allocate the pool."""
         from toolkit.models.loader import load_checkpoint
 
         V.validate_model(model_cfg)
         V.validate_engine(ecfg)
+        V.validate_cache(cache or CacheConfig())
         dtype = resolve_dtype(model_cfg.dtype)
         ckpt = load_checkpoint(model_cfg, progress=progress)
-        return cls(ckpt, ecfg, dtype, keep_pages_on_finish=keep_pages_on_finish)
+        return cls(ckpt, ecfg, dtype, keep_pages_on_finish=keep_pages_on_finish, cache=cache)
 
     # ---- requests -------------------------------------------------------------
 
@@ -108,7 +138,6 @@ class Engine:
             if request_id in self.seqs:
                 raise ValueError(f"request id {request_id!r} is already in use")
             seq.request_id = request_id
-        seq.seed = params.seed if params.seed is not None else random.getrandbits(32)
         self.seqs[seq.request_id] = seq
         self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
@@ -123,28 +152,38 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})")
-        need = math.ceil(min(len(ids) + params.max_new_tokens, self.max_model_len) / self.cfg.page_size)
+        need = pages_for(min(len(ids) + params.max_new_tokens, self.max_model_len), self.cfg.page_size)
         if need > self.allocator.num_usable:
             raise ValueError(f"request needs up to {need} pages; the pool has {self.allocator.num_usable}")
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request; its pages are freed unless keep_pages_on_finish (then: free_pages)."""
+    def abort(self, request_id: str) -> Sequence | None:
+        """Stop a request; its pages are freed unless keep_pages_on_finish (then: free_pages).
+        Returns the request it stopped, or None if none by that id is unfinished."""
         seq = self.seqs.get(request_id)
         if seq is None or seq.is_finished:
-            return
+            return None
         self._retire(seq)
         self._finish(seq, "abort")
+        return seq
 
-    def free_pages(self, seq: Sequence) -> None:
-        self.scheduler.free(seq.pages)
-        seq.pages = []
+    def free_pages(self, pages: list[int]) -> None:
+        """Give pages back: a finished request's (keep_pages_on_finish) or reserved ones.
+        Pages a step in flight may still write return once that step is read."""
+        self.scheduler.free(pages)
 
-    def add_prefilled(self, seq: Sequence, token: int, logprob: float) -> None:
-        """Admit a request whose prompt KV is already in ``seq.pages`` (written by a prefill
-        worker) together with its first token; it then decodes like any other."""
-        seq.num_computed = seq.num_tokens
-        if seq.params.seed is None and not seq.seed:
-            seq.seed = random.getrandbits(32)
+    # Pages for a request whose KV another worker writes (P/D decode side). Predicate and
+    # mutator: reserve only what ``can_reserve`` allows.
+    def can_reserve(self, num_pages: int) -> bool:
+        return self.allocator.can_allocate(num_pages)
+
+    def reserve_pages(self, num_pages: int) -> list[int]:
+        return self.allocator.allocate(num_pages)
+
+    def add_prefilled(self, seq: Sequence, pages: list[int], token: int, logprob: float) -> None:
+        """Admit a request whose prompt KV is already in ``pages`` (reserved here, written by
+        a prefill worker) together with its first token; it then decodes like any other.
+        The engine owns the pages from now on."""
+        seq.pages, seq.num_computed = list(pages), seq.num_tokens
         self.seqs[seq.request_id] = seq
         self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add_running(seq)
@@ -158,6 +197,31 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
+
+    def stats(self) -> EngineStats:
+        a, s, r = self.allocator, self.scheduler, self.runner
+        return EngineStats(waiting=len(s.waiting), running=len(s.running), pages_used=a.num_used,
+                           pages_free=a.num_free, pages_usable=a.num_usable, num_preemptions=s.num_preemptions,
+                           num_compilations=r.num_compilations, max_compilations=r.max_compilations,
+                           compile_seconds=r.compile_seconds)
+
+    # ---- the KV pool, for transfer backends --------------------------------------
+
+    @property
+    def pool(self) -> KVPool:
+        """The KV pool: its buffers' addresses never change (donated through every step),
+        so a backend registers them once."""
+        return self.runner.pool
+
+    def wait_for_kv(self) -> None:
+        """Block until every launched step's KV writes have landed (before a transfer reads
+        the pool)."""
+        jax.block_until_ready((self.runner.pool.k, self.runner.pool.v))
+
+    def read_pages(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of K and V of ``pages`` in every layer: ([L, n, S, KV, Dh],) * 2."""
+        idx = np.asarray(pages, np.int32)
+        return np.asarray(self.runner.pool.k[:, idx]), np.asarray(self.runner.pool.v[:, idx])
 
     # ---- the step ----------------------------------------------------------------
 
@@ -228,9 +292,13 @@ class Engine:
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a request: it leaves the engine's table (the caller's Sequence keeps the
+        result), so no driver has to remember to drop it."""
         seq.status, seq.finish_reason = Status.FINISHED, reason
         seq.finish_time = time.perf_counter()
         self._detok.pop(seq.request_id, None)
+        if self.seqs.get(seq.request_id) is seq:
+            del self.seqs[seq.request_id]
 
     # ---- conveniences ------------------------------------------------------------
 
@@ -244,10 +312,7 @@ class Engine:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         seqs = [self.add_request(p, _copy(sp)) for p, sp in zip(prompts, plist)]
         self.run_until_done()
-        outs = [RequestOutput.of(s) for s in seqs]
-        for s in seqs:
-            self.seqs.pop(s.request_id, None)
-        return outs
+        return [RequestOutput.of(s) for s in seqs]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas of one request as they are produced (steps the engine itself)."""
@@ -265,13 +330,13 @@ class Engine:
             if not seq.is_finished:
                 self.abort(seq.request_id)
             self._unreported += [s for s in self.sync() if s is not seq]
-            self.seqs.pop(seq.request_id, None)
 
     def chat_prompt(self, user: str, system: str | None = None) -> str:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
 
     def page_table(self, request_id: str) -> list[int]:
+        """The pages of an unfinished request, in order."""
         return list(self.seqs[request_id].pages)
 
     @property
@@ -280,6 +345,4 @@ class Engine:
 
 
 def _copy(params: SamplingParams | None) -> SamplingParams:
-    import dataclasses
-
     return dataclasses.replace(params) if params is not None else SamplingParams()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
+import random
 import time
 from typing import Callable, Optional
 
@@ -44,6 +45,21 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingParams":
+        """Validated params from a JSON object (what ``to_dict`` writes); an unknown field or
+        a value out of range raises ValueError naming it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown sampling field {unknown[0]!r}; known: {', '.join(sorted(names))}")
+        p = cls(**d)
+        p.validate()
+        return p
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -76,9 +92,16 @@ class Sequence:
     arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None
-    seed: int = 0  # resolved seed (params.seed or a random one)
+    seed: Optional[int] = None  # resolved at creation: params.seed, or a random one
     num_preemptions: int = 0
     num_inflight: int = 0
+    room: Optional[int] = None  # P/D room id on the disaggregated roles (None when unified)
+
+    def __post_init__(self):
+        # The one place a seed is resolved: a request without one draws it once, so a
+        # recomputed (preempted) request samples the same tokens again.
+        if self.seed is None:
+            self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(32)
 
     @property
     def token_ids(self) -> list[int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import time
 
 import jax
@@ -15,22 +14,18 @@ import numpy as np
 from flax import nnx
 
 from kernels.attention import get_backend
+from toolkit.cache.allocator import pages_for
 from toolkit.cache.pool import KVPool, PoolLayout
 from toolkit.config.schema import EngineConfig
 from toolkit.engine.buckets import bucket, pow2_buckets
 from toolkit.engine.request import Sequence
 from toolkit.engine.sampler import SamplingInputs, sample
-from toolkit.models.llama import Llama, StepInputs, forward, unroll_layers
+from toolkit.engine.batch import ScheduledBatch
+from toolkit.engine.inputs import StepInputs
+from toolkit.models.llama import Llama, forward, unroll_layers
 from toolkit.models.spec import ModelArgs
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class ScheduledBatch:
-    seqs: list[Sequence]
-    num_tokens: list[int]  # tokens fed per sequence this step
-    is_decode: bool
 
 
 @dataclasses.dataclass
@@ -70,7 +65,7 @@ class ModelRunner:
         self._leaves, treedef = jax.tree.flatten(self.state)
         self.pool = KVPool(PoolLayout.for_model(args, num_pages, ecfg.page_size, dtype), alloc=ecfg.kv_alloc)
         self._pool_ptrs = self.pool.buffer_pointers()
-        max_pages = math.ceil(max_model_len / ecfg.page_size)
+        max_pages = pages_for(max_model_len, ecfg.page_size)
         self.token_buckets = pow2_buckets(ecfg.min_bucket, ecfg.chunk_size)
         self.batch_buckets = pow2_buckets(ecfg.min_bucket, ecfg.max_batch_size)
         self.prefill_seq_buckets = pow2_buckets(1, ecfg.max_prefill_seqs)
@@ -140,7 +135,7 @@ class ModelRunner:
             B = bucket(n, self.prefill_seq_buckets)
             max_q_len = bucket(max(batch.num_tokens), self.q_len_buckets)
         kv_end = [s.num_computed + k for s, k in zip(batch.seqs, batch.num_tokens)]
-        maxP = bucket(max(math.ceil(e / S) for e in kv_end), self.page_buckets)
+        maxP = bucket(max(pages_for(e, S) for e in kv_end), self.page_buckets)
         tokens, positions, slots = (np.zeros(T, np.int32) for _ in range(3))
         page_table = np.zeros((B, maxP), np.int32)
         cu = np.zeros(B + 1, np.int32)
@@ -149,7 +144,7 @@ class ModelRunner:
         off = 0
         for i, (seq, k) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed
-            num_pages = -(-(start + k) // S)
+            num_pages = pages_for(start + k, S)
             page_table[i, :num_pages] = seq.pages[:num_pages]
             known = seq.known_tokens(start, start + k)
             tokens[off:off + len(known)] = known

@@ -15,13 +15,12 @@ is handed out while a write into it may still be pending.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
-from toolkit.cache.allocator import PageAllocator
+from toolkit.cache.allocator import PageAllocator, pages_for
 from toolkit.config.schema import EngineConfig
 from toolkit.engine.request import Sequence, Status
-from toolkit.engine.runner import ScheduledBatch
+from toolkit.engine.batch import ScheduledBatch
 
 
 class Scheduler:
@@ -58,9 +57,6 @@ class Scheduler:
         """Its in-flight token reaches a length limit: nothing more to compute for it."""
         return s.num_inflight > 0 and s.at_length_limit(self.max_model_len, s.num_inflight)
 
-    def _pages_for(self, num_tokens: int) -> int:
-        return math.ceil(num_tokens / self.cfg.page_size)
-
     def _schedule_prefill(self, partial: list[Sequence]) -> ScheduledBatch | None:
         budget, seqs, counts = self.cfg.chunk_size, [], []
         for s in partial:
@@ -73,7 +69,7 @@ class Scheduler:
             s = self.waiting[0]
             if s.num_inflight:  # preempted with a token in flight: recompute once it has arrived
                 break
-            need = self._pages_for(s.num_tokens)
+            need = pages_for(s.num_tokens, self.cfg.page_size)
             if not self.allocator.can_allocate(need):
                 break
             self.waiting.popleft()
@@ -88,7 +84,7 @@ class Scheduler:
         for s in cands:
             if s.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            while len(s.pages) < self._pages_for(s.num_computed + 1):
+            while len(s.pages) < pages_for(s.num_computed + 1, self.cfg.page_size):
                 if self.allocator.can_allocate(1):
                     s.pages += self.allocator.allocate(1)
                 elif self._deferred:

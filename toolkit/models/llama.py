@@ -11,7 +11,6 @@ The KV pool rides in the carry and is updated in place (the caller donates it).
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -19,22 +18,9 @@ import numpy as np
 from flax import nnx
 
 from kernels.attention import AttentionBackend
+from toolkit.engine.inputs import StepInputs
 from toolkit.models.rope import apply_rope, inv_frequencies
 from toolkit.models.spec import LAYER_KEYS, LAYER_LOOPS, OPTIONAL_LAYER_KEYS, ModelArgs
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class StepInputs:
-    """One ragged step: T tokens of B sequences (shapes bucketed by the runner)."""
-
-    tokens: jax.Array  # [T] int32
-    positions: jax.Array  # [T] int32
-    slot_mapping: jax.Array  # [T] int32, page * page_size + offset; padding -> page 0
-    page_table: jax.Array  # [B, maxP] int32
-    cu_q_lens: jax.Array  # [B+1] int32
-    kv_lens: jax.Array  # [B] int32, KV length including this step's tokens
-    logits_indices: jax.Array  # [B] int32, the token row whose logits each sequence needs
 
 
 def rms_norm(x, w, eps):
