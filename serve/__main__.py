@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from toolkit import logs
-from toolkit.config import schema
-from toolkit.config.validate import ConfigError, validate
-
-schema.register()
+from toolkit.cli import hydra_main
+from toolkit.config.validate import validate
 
 
 def build_pd_worker(cfg):
@@ -36,33 +30,29 @@ def build_router(cfg):
                                            r.decode_urls, r.policy, r.health_interval_s, cfg.server.max_queue))
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="run")
-def main(cfg: DictConfig) -> None:
+def serve_job(cfg) -> None:
     import uvicorn
 
-    logs.setup()
-    cfg = OmegaConf.to_object(cfg)
-    try:
-        if cfg.role.name == "router":
-            app, where = build_router(cfg), f"OpenAI API at /v1 over {len(cfg.role.prefill_urls)} prefill " \
-                f"and {len(cfg.role.decode_urls)} decode workers"
-        elif cfg.role.name == "unified":
-            from serve.unified import create_unified_app
-            from toolkit.run import build_engine
+    if cfg.role.name == "router":
+        app, where = build_router(cfg), f"OpenAI API at /v1 over {len(cfg.role.prefill_urls)} prefill " \
+            f"and {len(cfg.role.decode_urls)} decode workers"
+    elif cfg.role.name == "unified":
+        from serve.unified import create_unified_app
+        from toolkit.run import build_engine
 
-            app = create_unified_app(build_engine(cfg), cfg.model.name, cfg.server.max_queue)
-            where = "OpenAI API at /v1"
-        else:
-            from serve.pd_worker import create_app
+        app = create_unified_app(build_engine(cfg), cfg.model.name, cfg.server.max_queue)
+        where = "OpenAI API at /v1"
+    else:
+        from serve.pd_worker import create_app
 
-            worker = build_pd_worker(cfg)
-            app, where = create_app(worker), f"control={worker.control.address}"
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        worker = build_pd_worker(cfg)
+        app, where = create_app(worker), f"control={worker.control.address}"
     print(f"{cfg.role.name} worker: http://{cfg.server.host}:{cfg.server.port} {where}", file=sys.stderr,
           flush=True)
     uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level)
+
+
+main = hydra_main(serve_job)
 
 
 if __name__ == "__main__":

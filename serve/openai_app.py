@@ -39,6 +39,12 @@ class Backend(Protocol):
 
     def load(self) -> dict[str, int]: ...
 
+    async def startup(self) -> None:
+        """Called once when the server starts (start the engine loop, open clients)."""
+
+    async def shutdown(self) -> None:
+        """Called once when the server stops."""
+
 
 def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
@@ -49,6 +55,15 @@ def error(status: int, message: str, param: str | None = None, headers: dict | N
 def create_openai_app(backend: Backend, metrics: Metrics | None = None, title: str = "jax-pd-toolkit") -> FastAPI:
     app = FastAPI(title=title)
     m = app.state.metrics = metrics or Metrics()
+    app.state.backend = backend
+
+    @app.on_event("startup")
+    async def _start():
+        await backend.startup()
+
+    @app.on_event("shutdown")
+    async def _stop():
+        await backend.shutdown()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

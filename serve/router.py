@@ -161,15 +161,4 @@ class RouterBackend:
 def create_router_app(backend: RouterBackend):
     from serve.openai_app import create_openai_app
 
-    app = create_openai_app(backend, title=f"jax-pd-toolkit router ({backend.model_name})")
-    app.state.backend = backend
-
-    @app.on_event("startup")
-    async def _start():
-        await backend.startup()
-
-    @app.on_event("shutdown")
-    async def _stop():
-        await backend.shutdown()
-
-    return app
+    return create_openai_app(backend, title=f"jax-pd-toolkit router ({backend.model_name})")

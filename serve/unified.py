@@ -80,6 +80,12 @@ class UnifiedBackend:
                 self.worker.end(seq)
         await self.loop.call(stop)
 
+    async def startup(self) -> None:
+        self.loop.start()
+
+    async def shutdown(self) -> None:
+        self.loop.stop()
+
     def load(self) -> dict[str, int]:
         s = self.engine.stats()
         return {"waiting": s.waiting, "running": s.running, "pages_in_use": s.pages_used,
@@ -89,17 +95,5 @@ class UnifiedBackend:
 def create_unified_app(engine: Engine, model_name: str, max_queue: int = 256):
     from serve.openai_app import create_openai_app
 
-    backend = UnifiedBackend(engine, model_name, max_queue)
-    app = create_openai_app(backend, title=f"jax-pd-toolkit unified ({model_name})")
-    app.state.backend = backend
-
-
-    @app.on_event("startup")
-    async def _start():
-        backend.loop.start()
-
-    @app.on_event("shutdown")
-    async def _stop():
-        backend.loop.stop()
-
-    return app
+    return create_openai_app(UnifiedBackend(engine, model_name, max_queue),
+                             title=f"jax-pd-toolkit unified ({model_name})")

@@ -11,14 +11,8 @@ from __future__ import annotations
 import sys
 import time
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from toolkit import logs
-from toolkit.config import schema
-from toolkit.config.validate import ConfigError, validate
-
-schema.register()
+from toolkit.cli import hydra_main
+from toolkit.config.validate import validate
 
 
 def sampling_from(cfg):
@@ -92,15 +86,7 @@ def main_job(cfg) -> None:
           file=sys.stderr)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="run")
-def main(cfg: DictConfig) -> None:
-    logs.setup()
-    cfg = OmegaConf.to_object(cfg)
-    try:
-        main_job(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+main = hydra_main(main_job)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
+"""Writes notebooks/quickstart.ipynb (run from the repository root: python notebooks/make_quickstart.py;
+then execute it, e.g. jupyter nbconvert --to notebook --execute --inplace notebooks/quickstart.ipynb)."""
 import nbformat as nbf
+
 nb = nbf.v4.new_notebook()
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
 nb.cells = [
@@ -20,7 +23,7 @@ code("""from toolkit.run import build_engine
 engine = build_engine(cfg)   # validates the config, loads the GGUF (progress bar), allocates the KV pool
 a = engine.args
 print(f"{a.num_layers} layers, {a.num_heads} heads / {a.num_kv_heads} KV heads, head_dim {a.head_dim}, vocab {a.vocab_size}")
-print("KV pool:", engine.runner.pool.layout, f"{engine.runner.pool.layout.total_bytes / 2**20:.0f} MiB")"""),
+print("KV pool:", engine.pool.layout, f"{engine.pool.layout.total_bytes / 2**20:.0f} MiB")"""),
 md("## Generate (greedy, chat template applied)"),
 code("""from toolkit.engine.request import SamplingParams
 prompt = engine.chat_prompt("What is the capital of France?")
@@ -45,11 +48,12 @@ history = []
 while not seq.is_finished:
     engine.step()
     if seq.pages:
-        history.append((seq.num_computed, len(seq.pages), engine.allocator.num_used))
+        history.append((seq.num_computed, len(seq.pages), engine.stats().pages_used))
     if len(history) == 1:
         print("after prefill: tokens", seq.num_computed, "-> pages", engine.page_table(seq.request_id))
 print("at the end of decode, pages held:", history[-1][1], "for", seq.num_computed, "tokens")
-print("after finishing, pages in use:", engine.allocator.num_used, "(all", engine.allocator.num_usable, "free again)")
+st = engine.stats()
+print("after finishing, pages in use:", st.pages_used, "(all", st.pages_usable, "free again)")
 print(seq.text[:200])"""),
 code("""import matplotlib
 matplotlib.use("Agg")
@@ -61,8 +65,9 @@ ax.plot(tokens, [t / S for t in tokens], "--", label="tokens / page_size")
 ax.set_xlabel("tokens with KV in the pool"); ax.set_ylabel("pages"); ax.legend(); fig.tight_layout()
 plt.show()"""),
 md("## Compilations are bounded: shapes are bucketed"),
-code("""print("compilations so far:", engine.num_compilations, "bound:", engine.runner.max_compilations)
-assert engine.allocator.all_free()"""),
+code("""st = engine.stats()
+print("compilations so far:", st.num_compilations, "bound:", st.max_compilations)
+assert st.idle"""),
 ]
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
 nbf.write(nb, "notebooks/quickstart.ipynb")

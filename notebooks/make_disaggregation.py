@@ -1,4 +1,5 @@
-"""Writes notebooks/disaggregation.ipynb (run: python scripts/make_disagg_notebook.py)."""
+"""Writes notebooks/disaggregation.ipynb (run from the repository root: python notebooks/make_disaggregation.py;
+then execute it, e.g. jupyter nbconvert --to notebook --execute --inplace notebooks/disaggregation.ipynb)."""
 import nbformat as nbf
 
 nb = nbf.v4.new_notebook()
@@ -71,8 +72,8 @@ print("P/D    :", room.seq.text)
 assert ref.token_ids == room.seq.output_ids
 while not (pair.prefill.idle() and pair.decode.idle()):
     pair.step()
-print("pages in use after the request: prefill", pair.prefill.engine.allocator.num_used,
-      " decode", pair.decode.engine.allocator.num_used)
+print("pages in use after the request: prefill", pair.prefill.engine.stats().pages_used,
+      " decode", pair.decode.engine.stats().pages_used)
 pair.close()"""),
 ]
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
