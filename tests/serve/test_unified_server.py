@@ -132,10 +132,10 @@ def test_load_generator_reports_every_request(server, workload):
     tokens not counted) on both workloads."""
     import asyncio
 
-    from serve.bench import run_load, summarize
-    from toolkit.config.schema import LoadConfig
+    from toolkit.bench.config import ServeBench
+    from toolkit.bench.serve import run_load, summarize
 
-    cfg = LoadConfig(url=server.url, workload=workload, num_requests=8, concurrency=2, input_len=6,
+    cfg = ServeBench(url=server.url, workload=workload, num_requests=8, concurrency=2, input_len=6,
                      output_len=5, turns=2, shared_prefix_len=10)
     results, wall = asyncio.run(run_load(cfg))
     s = summarize(results, wall, cfg)

@@ -114,6 +114,16 @@ def _nvidia_driver() -> str:
         return "unknown"
 
 
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def host_card(**extra) -> dict:
+    """The card of a benchmark that drives another process's device (the load generator):
+    no JAX here (initialising it on a GPU host would take memory from the server)."""
+    return {**extra, "python": platform.python_version(), "date": utc_now()}
+
+
 def device_card(**extra) -> dict:
     """What the numbers were measured on: device kind and count, driver, JAX version, date.
     ``extra`` adds benchmark-specific facts (e.g. the NIXL version)."""
@@ -122,8 +132,7 @@ def device_card(**extra) -> dict:
     dev = jax.devices()[0]
     card = {"device": dev.device_kind, "platform": dev.platform, "num_devices": jax.device_count(),
             "driver": _nvidia_driver() if dev.platform == "gpu" else "n/a", "jax": jax.__version__,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "python": platform.python_version(), "date": utc_now()}
     return {**card, **extra}
 
 
@@ -145,8 +154,13 @@ def format_table(rows: list[dict], cols: list[str]) -> list[str]:
     """A Markdown table (pastes into docs/benchmarks.md), columns padded to their widths."""
     cells = [[_cell(r.get(c, "")) for c in cols] for r in rows]
     width = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    line = lambda xs: "| " + " | ".join(x.rjust(w) for x, w in zip(xs, width)) + " |"  # noqa: E731
-    return [line(cols), "|" + "|".join("-" * (w + 1) + ":" for w in width) + "|"] + [line(r) for r in cells]
+    # numbers right-aligned, text left-aligned (in the terminal and once rendered)
+    num = [all(isinstance(r.get(c), (int, float)) for r in rows) for c in cols]
+
+    def line(xs):
+        return "| " + " | ".join(x.rjust(w) if n else x.ljust(w) for x, w, n in zip(xs, width, num)) + " |"
+    rule = "|" + "|".join("-" * (w + 1) + (":" if n else "-") for w, n in zip(width, num)) + "|"
+    return [line(cols), rule] + [line(r) for r in cells]
 
 
 def parse_table(text: str) -> list[dict]:

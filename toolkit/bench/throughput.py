@@ -17,13 +17,11 @@ import gc
 import sys
 import time
 
-import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from toolkit import logs
 from toolkit.bench import config, core
+from toolkit.cli import hydra_main
 
 config.register()
 COLS = ["batch", "prompt_len", "prompt_tok_s", "decode_tok_s", "decode_step_ms", "compilations"]
@@ -75,21 +73,15 @@ def run_bench(cfg: config.ThroughputRun) -> list[dict]:
     return rows
 
 
-@hydra.main(version_base=None, config_path="../../conf", config_name="bench/throughput")
-def main(cfg: DictConfig) -> None:
-    from toolkit.config.validate import ConfigError
-
-    logs.setup()
-    cfg = OmegaConf.to_object(cfg)
-    try:
-        rows = run_bench(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+def job(cfg: config.ThroughputRun) -> None:
+    rows = run_bench(cfg)
     core.report("throughput", rows, COLS, card=core.device_card(model=cfg.model.name, dtype=cfg.model.dtype),
                 config=cfg, json_out=cfg.bench.json_out,
                 title="Engine throughput: prompt tok/s until every first token, decode tok/s after")
 
+
+
+main = hydra_main(job, config_name="bench/throughput")
 
 if __name__ == "__main__":
     main()

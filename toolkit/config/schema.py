@@ -119,44 +119,16 @@ class ServerConfig:
 
 
 @dataclasses.dataclass
-class BenchConfig:
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
-    prompt_len: int = 128
-    decode_steps: int = 64
-    warmup: int = 1
-    repeats: int = 3
-    json_out: str = ""
-
-
-@dataclasses.dataclass
-class LoadConfig:
-    """``python -m serve.bench``: replay a workload against an OpenAI-compatible endpoint."""
-
-    url: str = "http://127.0.0.1:8000"
-    model: str = ""  # "" = the first of /v1/models
-    workload: str = "random"  # random | multiturn
-    num_requests: int = 64
-    concurrency: int = 8
-    input_len: int = 128  # random: prompt words; multiturn: words per user turn
-    output_len: int = 64
-    turns: int = 4  # multiturn: user turns per conversation (shared, growing prefixes)
-    shared_prefix_len: int = 256  # multiturn: words of a system prompt shared by all conversations
-    seed: int = 0
-    json_out: str = ""
-
-
-@dataclasses.dataclass
 class RunConfig:
-    """Top-level config of ``python -m toolkit.run`` (and bench/convert)."""
+    """Top-level config of ``python -m toolkit.run`` (and serve/convert; the benchmarks have their
+    own, ``toolkit/bench/config.py``)."""
 
     model: ModelConfig = MISSING
     engine: EngineConfig = field(default_factory=EngineConfig)
     role: RoleConfig = field(default_factory=RoleConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
-    load: LoadConfig = field(default_factory=LoadConfig)
     prompt: str = "What is the capital of France?"
     system: Optional[str] = None
     chat: bool = True
@@ -181,5 +153,4 @@ def register() -> None:
     cs.store(group="role", name="role_schema", node=RoleConfig)
     cs.store(group="cache", name="cache_schema", node=CacheConfig)
     cs.store(group="transfer", name="transfer_schema", node=TransferConfig)
-    cs.store(group="bench", name="bench_schema", node=BenchConfig)
     cs.store(group="server", name="server_schema", node=ServerConfig)

@@ -1,13 +1,15 @@
 """Load generator for any OpenAI-compatible endpoint (ours, or any other server).
 
-    python -m serve.bench load.url=http://127.0.0.1:8000 load.concurrency=16 load.num_requests=128
-    python -m serve.bench load.workload=multiturn load.turns=4 load.json_out=load.json
+    python -m toolkit.bench.serve bench.url=http://127.0.0.1:8000 bench.concurrency=16 bench.num_requests=128
+    python -m toolkit.bench.serve bench.workload=multiturn bench.turns=4 bench.json_out=load.json
+    python -m toolkit.bench.serve -m bench.concurrency=1,8,32 bench.json_out=load.json   # load-0.json, ...
 
 Workloads are pluggable (``WORKLOADS``): ``random`` (independent random prompts) and
 ``multiturn`` (conversations that share a system prompt and grow turn by turn: the
 shared-prefix traffic a prefix cache is for). Each request streams; we record time to
 first token, the gaps between tokens and end-to-end latency, then print a table
 (request throughput, output tokens/s, TTFT p50/p99, ITL avg/p99, E2E p50) and write JSON.
+Needs only the endpoint: no model config, nothing loaded here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ from typing import Callable
 import httpx
 import numpy as np
 from tqdm import tqdm
+
+from toolkit.bench import config, core
+from toolkit.cli import hydra_main
+from toolkit.config.validate import ConfigError
+
+config.register()
+COLS = ["workload", "concurrency", "requests", "failed", "req_per_s", "output_tok_per_s", "ttft_p50_ms",
+        "ttft_p99_ms", "itl_avg_ms", "itl_p99_ms", "e2e_p50_ms"]
+
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case "
          "point government company number group problem fact river stone light music garden window").split()
@@ -95,11 +106,12 @@ async def _one(client: httpx.AsyncClient, cfg, model: str, messages: list[dict])
     return res
 
 
-async def run_load(cfg) -> tuple[list[Result], float]:
+async def run_load(cfg: config.ServeBench) -> tuple[list[Result], float]:
+    """Every request of the workload, at most ``cfg.concurrency`` in flight; (results, wall s)."""
     rng = random.Random(cfg.seed)
     requests = WORKLOADS[cfg.workload](cfg, rng)
+    model = served_model(cfg)
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=600.0)) as client:
-        model = cfg.model or (await client.get(cfg.url + "/v1/models")).json()["data"][0]["id"]
         sem = asyncio.Semaphore(cfg.concurrency)
         bar = tqdm(total=len(requests), desc=f"{cfg.workload} x{cfg.concurrency}", file=sys.stderr)
 
@@ -115,7 +127,7 @@ async def run_load(cfg) -> tuple[list[Result], float]:
         return list(results), time.perf_counter() - t0
 
 
-def summarize(results: list[Result], wall: float, cfg) -> dict:
+def summarize(results: list[Result], wall: float, cfg: config.ServeBench) -> dict:
     ok = [r for r in results if r.ok]
     pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
     itls = [x for r in ok for x in r.itls]
@@ -128,41 +140,25 @@ def summarize(results: list[Result], wall: float, cfg) -> dict:
             "errors": sorted({r.error for r in results if not r.ok})[:5]}
 
 
-def print_table(s: dict) -> None:
-    cols = ["workload", "concurrency", "requests", "failed", "req_per_s", "output_tok_per_s", "ttft_p50_ms",
-            "ttft_p99_ms", "itl_avg_ms", "itl_p99_ms", "e2e_p50_ms"]
-    print(" ".join(f"{c:>16}" for c in cols))
-    print(" ".join(f"{s[c]:>16.2f}" if isinstance(s[c], float) else f"{s[c]:>16}" for c in cols))
-    for e in s["errors"]:
-        print("error:", e)
+def served_model(cfg: config.ServeBench) -> str:
+    return cfg.model or httpx.get(cfg.url + "/v1/models", timeout=30).json()["data"][0]["id"]
 
 
-def main() -> None:
-    import hydra
-    from omegaconf import OmegaConf
+def job(cfg: config.ServeRun) -> None:
+    b = cfg.bench
+    if b.workload not in WORKLOADS:
+        raise ConfigError(f"bench.workload={b.workload!r}; allowed: {', '.join(WORKLOADS)}")
+    results, wall = asyncio.run(run_load(b))
+    s = summarize(results, wall, b)
+    errors = s.pop("errors")
+    card = core.host_card(endpoint=b.url, model=served_model(b))
+    core.report("serve", [s], COLS, card=card, config=b, json_out=b.json_out,
+                notes=tuple(f"error: {e}" for e in errors), extra={"errors": errors},
+                title="Load generator: streamed chat completions against an OpenAI-compatible endpoint")
 
-    from toolkit import logs
-    from toolkit.config import schema
 
-    schema.register()
 
-    @hydra.main(version_base=None, config_path="../conf", config_name="run")
-    def _main(cfg) -> None:
-        logs.setup()
-        load = OmegaConf.to_object(cfg).load
-        if load.workload not in WORKLOADS:
-            print(f"config error: load.workload={load.workload!r}; allowed: {', '.join(WORKLOADS)}",
-                  file=sys.stderr)
-            sys.exit(2)
-        results, wall = asyncio.run(run_load(load))
-        s = summarize(results, wall, load)
-        print_table(s)
-        if load.json_out:
-            with open(load.json_out, "w") as f:
-                json.dump(s, f, indent=2)
-
-    _main()
-
+main = hydra_main(job, config_name="bench/serve")
 
 if __name__ == "__main__":
     main()

@@ -1,92 +1,56 @@
-"""Attention benchmark on the GPU: our implementations against the ceilings and baselines,
-all measured in the same run (kernels issue). Prints a table last.
+"""Attention and KV-movement kernels against the ceilings and baselines, all measured in
+the same run. The table comes last.
 
-    python3 -m kernels.bench_attention            # on the device machine
-    python3 -m kernels.bench_attention --quick    # CPU smoke run (tiny shapes)
+    python -m toolkit.bench.attention                        # GPU: every kernel, full shapes
+    python -m toolkit.bench.attention bench.quick=true       # CPU smoke run (tiny shapes)
+    python -m toolkit.bench.attention "bench.only=[prefill]" bench.sweep=true
 
-Ceilings: a large device-to-device copy (bytes read + written per second) and a large
-bf16 matmul. Decode rows count the K/V bytes each kernel must read (every sequence's
-context, K and V, once); prefill rows count causal FLOPs (4 * T^2/2 * H * D per sequence).
-Baselines: JAX's deprecated Pallas paged_attention (decode) and
-jax.nn.dot_product_attention(implementation="cudnn") on contiguous data (prefill), and
-JAX's Mosaic GPU attention_mgpu on contiguous data (what a TMA/wgmma kernel reaches here).
+Ceilings: a large device-to-device copy (bytes read + written per second, the best of an
+XLA and a torch copy) and a large bf16 matmul. Decode rows count the K/V bytes each kernel
+must read (every sequence's context, K and V, once); prefill rows count causal FLOPs
+(4 * T^2/2 * H * D per sequence). Baselines: JAX's deprecated Pallas paged_attention
+(decode) and jax.nn.dot_product_attention(implementation="cudnn") on contiguous data
+(prefill), and JAX's Mosaic GPU attention_mgpu on contiguous data (what a TMA/wgmma kernel
+reaches here). ``rate`` is TB/s (decode, KV movement) or TFLOP/s (prefill); ``ratio`` is
+against the copy or the matmul ceiling.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from kernels import attention_pallas as pk
 from kernels import attention_ref as ref
+from toolkit.bench import config, core
+from toolkit.bench.core import bench
+from toolkit.cache.allocator import pages_for
+from toolkit.cli import hydra_main
+from toolkit.config.validate import ConfigError
 
-PREFILL_KW: dict = {}  # tile choice for our prefill kernel (set from the sweep with --prefill-tiles)
-
-
-def bench(fn, *args, warmup=3, iters=20, reps=5) -> float:
-    """Seconds per call of fn(*args): calls issued back to back (no host sync between them,
-    as in a serving loop), synchronised once per repetition; the median repetition."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = [fn(*args) for _ in range(iters)]
-        jax.block_until_ready(out[-1])  # one stream: the last call ends last (earlier may be donated)
-        times.append((time.perf_counter() - t0) / iters)
-        del out
-    return float(np.median(times))
+config.register()
+COLS = ["case", "implementation", "ms", "rate", "ratio"]
+PREFILL_KW: dict = {}  # tile choice for our prefill kernel (set here from a sweep's best row)
 
 
-def copy_ceilings(nbytes: int, torch_copy: bool = True) -> list[tuple[str, float, float]]:
-    """(name, seconds, bytes/s counting read + write) of a large device-to-device copy:
-    an XLA copy and, on a GPU where torch is present, torch's ``copy_``. The bandwidth
-    ceiling of every benchmark is the best of them."""
-    out = []
-    x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
-    t = bench(jax.jit(lambda a: a * jnp.bfloat16(1.0001)), x, iters=10)
-    out.append(("device copy, XLA (read+write)", t, 2 * nbytes / t))
-    del x
-    if torch_copy and jax.devices()[0].platform == "gpu":
-        try:
-            import torch
-
-            a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-            b = torch.empty_like(a)
-            for _ in range(3):
-                b.copy_(a)
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(10):
-                    b.copy_(a)
-                torch.cuda.synchronize()
-                ts.append((time.perf_counter() - t0) / 10)
-            t = float(np.median(ts))
-            out.append(("device copy, torch (read+write)", t, 2 * nbytes / t))
-            del a, b
-            torch.cuda.empty_cache()
-        except Exception as e:  # noqa: BLE001 -- torch is optional
-            print(f"torch copy skipped: {e}")
-    return out
+def row(case: str, impl: str, t: float, amount: float, ceiling: float) -> dict:
+    """A table row: ``amount`` bytes (or FLOPs) done in ``t`` seconds, against ``ceiling``/s."""
+    rate = amount / t if t else 0.0
+    return {"case": case, "implementation": impl, "ms": t * 1e3, "rate": rate / 1e12,
+            "ratio": rate / ceiling if ceiling else 0.0}
 
 
-def ceilings(quick: bool) -> tuple[list, float, float]:
-    """Copy ceiling (best of copy_ceilings) and the bf16 matmul ceiling, as table rows."""
-    copies = copy_ceilings((1 << 20) if quick else (1 << 31), torch_copy=not quick)
+def ceilings(quick: bool) -> tuple[list[dict], float, float]:
+    """Copy ceiling (best of the copies) and the bf16 matmul ceiling, as table rows."""
+    copies = core.copy_ceilings((1 << 20) if quick else (1 << 31), torch_copy=not quick)
     bw = max(b for _, _, b in copies)
-    rows = [("ceiling", name, t, b / 1e12, b / bw) for name, t, b in copies]
-    m = 512 if quick else 8192
-    a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
-    t = bench(jax.jit(lambda p, q: p @ q), a, b)
-    fl = 2 * m ** 3 / t
-    rows.append(("ceiling", "bf16 matmul", t, fl / 1e12, 1.0))
+    rows = [row("ceiling", name, t, b * t, bw) for name, t, b in copies]
+    t, fl = core.matmul_ceiling(512 if quick else 8192)
+    rows.append(row("ceiling", "bf16 matmul", t, fl * t, fl))
     return rows, bw, fl
 
 
@@ -98,7 +62,7 @@ def rel_err(got, want) -> float:
 def decode_case(B, ctx, H=32, KV=8, D=128, S=16, dtype=jnp.bfloat16, seed=0):
     """Random pool and non-contiguous random page tables; our layout [L=1, P, S, KV, D]."""
     rng = np.random.default_rng(seed)
-    ppseq = -(-ctx // S)
+    ppseq = pages_for(ctx, S)
     P = B * ppseq + 1
     pages = rng.permutation(np.arange(1, P))[:B * ppseq].reshape(B, ppseq).astype(np.int32)
     k = jax.random.normal(jax.random.key(seed), (1, P, S, KV, D), dtype)
@@ -115,12 +79,11 @@ def run_decode(rows, bw, B, ctx, quick):
     refj = jax.jit(lambda q, k, v, pt, l: ref.paged_decode_attention(q, k, v, 0, pt, l, scale=D ** -0.5))
     out_ref = refj(q, k, v, pt, lens)
     t = bench(refj, q, k, v, pt, lens)
-    rows.append((f"decode B={B} ctx={ctx}", "jnp reference", t, kv_bytes / t / 1e12, kv_bytes / t / bw))
+    rows.append(row(f"decode B={B} ctx={ctx}", "jnp reference", t, kv_bytes, bw))
     ours = jax.jit(lambda q, k, v, pt, l: pk.paged_decode_attention(q, k, v, 0, pt, l, scale=D ** -0.5))
     err = rel_err(ours(q, k, v, pt, lens), out_ref)
     t = bench(ours, q, k, v, pt, lens)
-    rows.append((f"decode B={B} ctx={ctx}", f"ours, Pallas (err {err:.1e})", t, kv_bytes / t / 1e12,
-                 kv_bytes / t / bw))
+    rows.append(row(f"decode B={B} ctx={ctx}", f"ours, Pallas (err {err:.1e})", t, kv_bytes, bw))
     if jax.devices()[0].platform != "gpu":
         return
     try:
@@ -132,10 +95,9 @@ def run_decode(rows, bw, B, ctx, quick):
         got = pa(q, kp, vp, pt, lens)
         err = rel_err(got, out_ref)
         t = bench(pa, q, kp, vp, pt, lens)
-        rows.append((f"decode B={B} ctx={ctx}", f"pallas paged_attention (err {err:.1e})", t,
-                     kv_bytes / t / 1e12, kv_bytes / t / bw))
+        rows.append(row(f"decode B={B} ctx={ctx}", f"pallas paged_attention (err {err:.1e})", t, kv_bytes, bw))
     except Exception as e:  # noqa: BLE001 -- a baseline that fails is reported, not fatal
-        rows.append((f"decode B={B} ctx={ctx}", f"pallas paged_attention FAILED {type(e).__name__}", 0, 0, 0))
+        rows.append(row(f"decode B={B} ctx={ctx}", f"pallas paged_attention FAILED {type(e).__name__}", 0.0, 0, 0))
 
 
 def run_prefill(rows, flops_ceiling, T, quick):
@@ -152,7 +114,7 @@ def run_prefill(rows, flops_ceiling, T, quick):
     ours = jax.jit(lambda q, k, v: ref.paged_prefill_attention(q, k, v, 0, *paged, max_q_len=T, scale=D ** -0.5))
     out_ref = ours(q, kp, vp)
     t = bench(ours, q, kp, vp, iters=5)
-    rows.append((f"prefill T={T}", "jnp reference (pages)", t, flops / t / 1e12, flops / t / flops_ceiling))
+    rows.append(row(f"prefill T={T}", "jnp reference (pages)", t, flops, flops_ceiling))
     ours_prefill_rows(rows, f"prefill T={T}", (q, kp, vp, *paged), T, out_ref, flops, flops_ceiling)
     if jax.devices()[0].platform != "gpu":
         return
@@ -162,9 +124,9 @@ def run_prefill(rows, flops_ceiling, T, quick):
             q[None], jnp.repeat(k, rep, 1)[None], jnp.repeat(v, rep, 1)[None], is_causal=True,
             implementation="cudnn"))
         t = bench(cud, q, kc, vc, iters=10)
-        rows.append((f"prefill T={T}", "cuDNN (contiguous data)", t, flops / t / 1e12, flops / t / flops_ceiling))
+        rows.append(row(f"prefill T={T}", "cuDNN (contiguous data)", t, flops, flops_ceiling))
     except Exception as e:  # noqa: BLE001
-        rows.append((f"prefill T={T}", f"cuDNN FAILED {type(e).__name__}", 0, 0, 0))
+        rows.append(row(f"prefill T={T}", f"cuDNN FAILED {type(e).__name__}", 0.0, 0, 0))
     # JAX's own Hopper kernel (Mosaic GPU: TMA, wgmma, two compute warpgroups), contiguous
     # data: how close a Mosaic GPU kernel gets to cuDNN here, before writing a paged one.
     # (float16: its bfloat16 path fails in JAX 0.11.2, "src bfloat16, dst float16"; the
@@ -179,11 +141,11 @@ def run_prefill(rows, flops_ceiling, T, quick):
             mg = jax.jit(lambda q, k, v, cfg=cfg: am.attention(q[None], k[None], v[None], cfg)[0])
             err = rel_err(mg(q16, k16, v16), out_ref)
             t = bench(mg, q16, k16, v16, iters=10)
-            rows.append((f"prefill T={T}", f"JAX attention_mgpu {bq}x{bkv} f16 (contiguous, err {err:.1e})", t,
-                         flops / t / 1e12, flops / t / flops_ceiling))
+            rows.append(row(f"prefill T={T}", f"JAX attention_mgpu {bq}x{bkv} f16 (contiguous, err {err:.1e})",
+                            t, flops, flops_ceiling))
         except Exception as e:  # noqa: BLE001
-            rows.append((f"prefill T={T}", f"attention_mgpu {bq}x{bkv} FAILED {type(e).__name__}: "
-                         f"{str(e)[:80]}", 0, 0, 0))
+            rows.append(row(f"prefill T={T}", f"attention_mgpu {bq}x{bkv} FAILED {type(e).__name__}: "
+                         f"{str(e)[:80]}", 0.0, 0, 0))
 
 
 def run_prefill_ragged(rows, flops_ceiling, quick):
@@ -193,7 +155,7 @@ def run_prefill_ragged(rows, flops_ceiling, quick):
     chunks = [16, 40, 9, 64, 3, 24, 8, 36] if quick else [300, 700, 129, 1000, 467, 800, 200, 500]
     prefix = [0, 512, 1000, 0, 256, 2000, 64, 1024]
     kv = [p + m for p, m in zip(prefix, chunks)]
-    need = [-(-n // S) for n in kv]
+    need = [pages_for(n, S) for n in kv]
     rng = np.random.default_rng(1)
     P = 1 + sum(need)
     perm = rng.permutation(np.arange(1, P)).astype(np.int32)
@@ -226,7 +188,7 @@ def ours_prefill_rows(rows, case, args, max_q_len, want, flops, flops_ceiling):
             q, k, v, 0, pt, cu, kl, max_q_len=max_q_len, scale=D ** -0.5, **kw, **PREFILL_KW))
         err = rel_err(f(*args), want)
         t = bench(f, *args, iters=10)
-        rows.append((case, f"{name} (pages, err {err:.1e})", t, flops / t / 1e12, flops / t / flops_ceiling))
+        rows.append(row(case, f"{name} (pages, err {err:.1e})", t, flops, flops_ceiling))
 
 
 def run_movement(rows, bw, quick):
@@ -249,7 +211,7 @@ def run_movement(rows, bw, quick):
                 pools[:] = f(pools[0], pools[1], 3, k, k, slots)
                 return pools[0]
             t = bench(lambda: step(), iters=20)
-            rows.append((f"write_kv T={T}", name, t, nbytes / t / 1e12, nbytes / t / bw))
+            rows.append(row(f"write_kv T={T}", name, t, nbytes, bw))
         kp, vp = pools
     n = 8 if quick else 256
     ids = jnp.asarray(rng.permutation(np.arange(1, P))[:n], jnp.int32)
@@ -259,8 +221,7 @@ def run_movement(rows, bw, quick):
         f = jax.jit(fn)
         ok = bool(jnp.all(f(kp, ids) == want))
         t = bench(f, kp, ids)
-        rows.append((f"gather {n} pages x {L} layers", f"{name}{'' if ok else ' MISMATCH'}", t,
-                     nbytes / t / 1e12, nbytes / t / bw))
+        rows.append(row(f"gather {n} pages x {L} layers", f"{name}{'' if ok else ' MISMATCH'}", t, nbytes, bw))
     staged = want
     for name, fn in (("XLA scatter", ref.scatter_pages), ("ours, Pallas", pk.scatter_pages)):
         f = jax.jit(fn, donate_argnums=0)
@@ -270,75 +231,90 @@ def run_movement(rows, bw, quick):
             box[0] = f(box[0], ids, staged)
             return box[0]
         t = bench(lambda: sc())
-        rows.append((f"scatter {n} pages x {L} layers", name, t, nbytes / t / 1e12, nbytes / t / bw))
+        rows.append(row(f"scatter {n} pages x {L} layers", name, t, nbytes, bw))
         kp = box[0]
 
 
-def sweep(bw, fl):
-    """Tile choices of our kernels at the issue's shapes; prints its own table."""
+def _sweep_row(kernel: str, tiles: str, fn, *args, iters: int = 20, amount: float, ceiling: float) -> dict:
+    try:
+        return row(kernel, tiles, bench(fn, *args, iters=iters), amount, ceiling)
+    except Exception as e:  # noqa: BLE001 -- a tile choice that does not compile is a row, not the end
+        return row(kernel, f"{tiles} FAILED {type(e).__name__}: {str(e)[:120]}", 0.0, 0, 0)
+
+
+def sweep(bw: float, fl: float) -> list[dict]:
+    """Tile choices of our kernels at the issue's shapes (GPU); printed as its own table
+    before the main one."""
     q, k, v, pt, lens = decode_case(64, 2048)
     kv_bytes = 2 * 64 * 2048 * 8 * 128 * 2
-    print("decode B=64 ctx=2048 sweep: block_k num_splits warps stages -> ms ratio")
+    rows = []
     for bk, ns, w, st in [(64, None, 4, 2), (64, 1, 4, 3), (128, 1, 4, 2), (128, 1, 8, 3), (32, 1, 4, 3),
                           (64, 1, 2, 3), (64, 2, 4, 2), (256, 1, 8, 2)]:
-        try:
-            f = jax.jit(lambda q, k, v, pt, l: pk.paged_decode_attention(
-                q, k, v, 0, pt, l, scale=0.088, block_k=bk, num_splits=ns, num_warps=w, num_stages=st))
-            t = bench(f, q, k, v, pt, lens)
-            print(f"  {bk:>4} {str(ns):>5} {w:>2} {st:>2} -> {t * 1e3:.3f} {kv_bytes / t / bw:.3f}")
-        except Exception as e:  # noqa: BLE001
-            print(f"  {bk} {ns} {w} {st} FAILED {type(e).__name__}: {str(e)[:200]}")
+        f = jax.jit(lambda q, k, v, pt, l, bk=bk, ns=ns, w=w, st=st: pk.paged_decode_attention(
+            q, k, v, 0, pt, l, scale=0.088, block_k=bk, num_splits=ns, num_warps=w, num_stages=st))
+        rows.append(_sweep_row("decode B=64 ctx=2048 sweep", f"block_k {bk} splits {ns} warps {w} stages {st}",
+                               f, q, k, v, pt, lens, amount=kv_bytes, ceiling=bw))
     T, H, D, S = 4096, 32, 128, 16
     qp = jax.random.normal(jax.random.key(3), (T, H, D), jnp.bfloat16)
     P = T // S
     perm = np.random.default_rng(0).permutation(np.arange(1, P + 1)).astype(np.int32)
     kp = jax.random.normal(jax.random.key(4), (1, P + 1, S, 8, D), jnp.bfloat16)
     flops = 4 * T * T / 2 * H * D
-    print("prefill T=4096 sweep: block_q (rows: tokens x 4 heads) block_k warps stages -> ms TFLOP/s")
     for bq, bk, w, st in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3),
                           (256, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 256, 8, 3)]:
-        try:
-            f = jax.jit(lambda q, k: pk.paged_prefill_attention(
-                q, k, k, 0, jnp.asarray(perm)[None], jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32),
-                max_q_len=T, scale=0.088, block_q=bq, block_k=bk, num_warps=w, num_stages=st, impl="triton"))
-            t = bench(f, qp, kp, iters=5)
-            print(f"  {bq:>4} {bk:>4} {w:>2} {st:>2} -> {t * 1e3:.3f} {flops / t / 1e12:.1f}")
-        except Exception as e:  # noqa: BLE001
-            print(f"  {bq} {bk} {w} {st} FAILED {type(e).__name__}: {str(e)[:200]}")
+        # block_q rows are tokens x 4 heads (GQA-packed)
+        f = jax.jit(lambda q, k, bq=bq, bk=bk, w=w, st=st: pk.paged_prefill_attention(
+            q, k, k, 0, jnp.asarray(perm)[None], jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32),
+            max_q_len=T, scale=0.088, block_q=bq, block_k=bk, num_warps=w, num_stages=st, impl="triton"))
+        rows.append(_sweep_row("prefill T=4096 sweep (Triton)", f"block_q {bq} block_k {bk} warps {w} stages {st}",
+                               f, qp, kp, iters=5, amount=flops, ceiling=fl))
+    return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
-    ap.add_argument("--sweep", action="store_true", help="also sweep our kernels' tile choices")
-    ap.add_argument("--only", nargs="+", choices=["decode", "prefill", "movement"],
-                    default=["decode", "prefill", "movement"], help="which kernels to measure")
-    a = ap.parse_args()
-    rows, bw, fl = ceilings(a.quick)
-    if a.sweep and not a.quick:
-        sweep(bw, fl)
-    cases = [(2, 64)] if a.quick else [(64, 2048), (64, 512), (64, 8192), (1, 2048), (256, 2048)]
-    for B, ctx in cases if "decode" in a.only else ():
-        run_decode(rows, bw, B, ctx, a.quick)
-    if "prefill" in a.only:
-        run_prefill(rows, fl, 128 if a.quick else 4096, a.quick)
-        run_prefill_ragged(rows, fl, a.quick)
-    if "movement" in a.only:
-        run_movement(rows, bw, a.quick)
-    print(f"device: {jax.devices()[0].device_kind}; decode and KV movement: TB/s of bytes that must move, "
-          "ratio to the copy ceiling; prefill: TFLOP/s, ratio to the matmul")
-    print(f"{'case':<30} {'implementation':<40} {'ms':>9} {'TB/s|TFLOP/s':>13} {'ratio':>7}")
-    for case, impl, t, rate, ratio in rows:
-        print(f"{case:<30} {impl:<40} {t * 1e3:>9.3f} {rate:>13.3f} {ratio:>7.3f}")
-    by = {(c, i.split(" (")[0]): t for c, i, t, _, _ in rows}
+def comparisons(rows: list[dict]) -> list[str]:
+    """One line per case where ours and a baseline both ran: how many times faster ours is."""
+    by = {(r["case"], r["implementation"].split(" (")[0]): r["ms"] for r in rows if r["ms"]}
+    out = []
     for c in sorted({c for c, _ in by}):
         if (c, "ours, Pallas") in by and (c, "pallas paged_attention") in by:
-            print(f"{c}: ours is {by[(c, 'pallas paged_attention')] / by[(c, 'ours, Pallas')]:.2f}x "
-                  "the deprecated Pallas kernel")
+            out.append(f"{c}: ours is {by[(c, 'pallas paged_attention')] / by[(c, 'ours, Pallas')]:.2f}x "
+                       "the deprecated Pallas kernel")
         for mine in ("ours", "ours, Pallas-Triton"):
             if (c, mine) in by and (c, "cuDNN") in by:
-                print(f"{c}: {mine} runs at {by[(c, 'cuDNN')] / by[(c, mine)]:.2f}x cuDNN's throughput")
+                out.append(f"{c}: {mine} runs at {by[(c, 'cuDNN')] / by[(c, mine)]:.2f}x cuDNN's throughput")
+    return out
 
+
+def run_bench(b: config.AttentionBench, rows: list[dict], bw: float, fl: float) -> list[dict]:
+    """Every case in ``bench.only`` appended to ``rows`` (the ceilings' rows: bytes/s ``bw``
+    and FLOP/s ``fl``)."""
+    cases = [(2, 64)] if b.quick else [(64, 2048), (64, 512), (64, 8192), (1, 2048), (256, 2048)]
+    work = [("decode", lambda B=B, ctx=ctx: run_decode(rows, bw, B, ctx, b.quick)) for B, ctx in cases]
+    work += [("prefill", lambda: run_prefill(rows, fl, 128 if b.quick else 4096, b.quick)),
+             ("prefill", lambda: run_prefill_ragged(rows, fl, b.quick)),
+             ("movement", lambda: run_movement(rows, bw, b.quick))]
+    for _, fn in tqdm([w for w in work if w[0] in b.only], desc="attention cases", file=sys.stderr):
+        fn()
+    return rows
+
+
+def job(cfg: config.AttentionRun) -> None:
+    b = cfg.bench
+    unknown = set(b.only) - {"decode", "prefill", "movement"}
+    if unknown:
+        raise ConfigError(f"bench.only has {sorted(unknown)}; allowed: decode, prefill, movement")
+    card = core.device_card()
+    rows, bw, fl = ceilings(b.quick)
+    if b.sweep and not b.quick:
+        print("\n".join(core.format_table(sweep(bw, fl), COLS)))
+    run_bench(b, rows, bw, fl)
+    core.report("attention", rows, COLS, card=card, config=b, json_out=b.json_out, notes=tuple(comparisons(rows)),
+                title="Attention and KV movement: rate = TB/s of bytes that must move (decode, movement; ratio "
+                      "to the copy ceiling) or TFLOP/s (prefill; ratio to the bf16 matmul)")
+
+
+
+main = hydra_main(job, config_name="bench/attention")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,32 @@
+"""``python -m toolkit.bench.serve`` against a real unified server on loopback."""
+
+import json
+
+import pytest
+
+from toolkit.bench import core
+
+from tests.bench import run_bench
+from tests.disagg.procs import Worker
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_load_generator_multirun_over_workloads(tmp_path):
+    """Guards against the load generator needing a model config (it composes none), losing
+    requests on either workload, or a multirun writing fewer JSON files than jobs."""
+    server = Worker("unified")
+    try:
+        out = run_bench("serve", "-m", "bench.workload=random,multiturn", f"bench.url={server.url}",
+                        "bench.num_requests=8", "bench.concurrency=2", "bench.input_len=6", "bench.output_len=5",
+                        "bench.turns=2", "bench.shared_prefix_len=10", f"bench.json_out={tmp_path}/load.json",
+                        f"hydra.sweep.dir={tmp_path}/sweep")
+    finally:
+        server.stop()
+    for job, workload in enumerate(("random", "multiturn")):
+        doc = json.loads((tmp_path / f"load-{job}.json").read_text())
+        (row,) = doc["rows"]
+        assert row["workload"] == workload and row["requests"] == 8 and row["failed"] == 0, doc
+        assert row["output_tok_per_s"] > 0 and doc["card"]["model"] == "tiny-random"
+    (last,) = core.parse_table(out)
+    assert last["workload"] == "multiturn"
