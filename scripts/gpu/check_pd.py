@@ -1,7 +1,7 @@
 """P/D on GPUs: prefill and decode as two processes, KV pools registered as VRAM with NIXL.
 
-    python3 scripts/gpu_pd_check.py --src 0 --dst 0    # two processes sharing one GPU
-    python3 scripts/gpu_pd_check.py --src 0 --dst 1    # prefill on GPU 0, decode on GPU 1
+    python scripts/gpu/check_pd.py --src 0 --dst 0    # two processes sharing one GPU
+    python scripts/gpu/check_pd.py --src 0 --dst 1    # prefill on GPU 0, decode on GPU 1
 
 Greedy outputs (16 concurrent requests with the protocol's edge cases, float32) must equal
 the unified engine's, computed in this process on the GPU. Prints a summary line per run.
@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # two processes share a GPU
 

@@ -1,7 +1,8 @@
-"""Greedy tokens of the default model on this device against the CPU reference tokens.
+"""Greedy tokens of the default model on this GPU against the CPU reference tokens.
 
-    python scripts/gpu_check.py --make-reference   # on CPU: writes scripts/data/smollm2_greedy_ref.json
-    python scripts/gpu_check.py                    # on GPU: compares float32 and bfloat16 runs
+    python scripts/gpu/check_tokens.py                    # on a GPU: float32 and bfloat16 runs, engine=gpu
+    python scripts/gpu/check_tokens.py --engine default   # the CPU-sized engine config on the GPU
+    python scripts/gpu/check_tokens.py --make-reference   # on CPU: rewrites the reference tokens
 
 The CPU float32 tokens equal HF transformers' (tests/engine/test_oracle_smollm2.py).
 Prints, per prompt and dtype, how many leading tokens agree with the reference.
@@ -14,7 +15,7 @@ import json
 import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.engine.test_oracle_smollm2 import CHAT, NEW_TOKENS, RAW  # noqa: E402
