@@ -59,12 +59,12 @@ def make_engine():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` run only where JAX sees a GPU (device tool); CPU CI skips just them."""
+    """Tests marked ``gpu`` run only where JAX sees a GPU (bash scripts/gpu/tests.sh on a GPU host); CPU CI skips just them."""
     import jax
 
     if jax.devices()[0].platform == "gpu":
         return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run through the device tool)")
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (on a GPU host: bash scripts/gpu/tests.sh)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
