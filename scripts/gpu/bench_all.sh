@@ -3,9 +3,11 @@
 # about 8 minutes on an H200: modest sizes where a default run is long. Outputs (tables, JSON,
 # logs) under $OUT (default /tmp); a summary of exit codes and times at the end.
 #   bash scripts/gpu/bench_all.sh                  (after bash scripts/gpu_setup.sh)
+#   MODEL_ARGS="model=tiny-random" bash scripts/gpu/bench_all.sh   # throughput and serve on another model
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
+read -r -a MODEL <<< "${MODEL_ARGS:-}"  # model overrides for the two benchmarks that load one
 export OUT=${OUT:-/tmp}; mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
@@ -23,10 +25,10 @@ step() {  # step NAME TIMEOUT_S command...: run it, log its output, record rc an
 step diagnose 60 "$PY" -m toolkit.disagg.diagnose --with-jax
 step attention 150 "$PY" -m toolkit.bench.attention bench.json_out="$OUT/attention.json"
 step decode 180 "$PY" -m toolkit.bench.decode "bench.backends=[auto]" "bench.modes=[overlap]" bench.json_out="$OUT/decode.json"
-step throughput 90 "$PY" -m toolkit.bench.throughput engine=gpu bench.repeats=2 bench.json_out="$OUT/throughput.json"
+step throughput 90 "$PY" -m toolkit.bench.throughput engine=gpu "${MODEL[@]}" bench.repeats=2 bench.json_out="$OUT/throughput.json"
 LDADD=$("$PY" -m toolkit.disagg.diagnose --ld-path 2>/dev/null | tail -1)
 step transfer 120 env LD_LIBRARY_PATH="${LDADD}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   "$PY" -m toolkit.bench.transfer -m bench.alloc=torch,jax bench.repeats=3 bench.json_out="$OUT/transfer.json" \
   hydra.sweep.dir="$OUT/transfer_sweep"
-step serve 120 bash scripts/gpu/bench_serve.sh bench.num_requests=64 bench.concurrency=16
+step serve 120 env SERVER_ARGS="${MODEL_ARGS:-}" bash scripts/gpu/bench_serve.sh bench.num_requests=64 bench.concurrency=16
 echo "== summary"; cat "$SUMMARY"

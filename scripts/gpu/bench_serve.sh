@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The load generator against a unified server of the default model on this GPU (engine=gpu).
 #   bash scripts/gpu/bench_serve.sh [bench.concurrency=32 bench.num_requests=256 ...]
+#   SERVER_ARGS="model=hf model.path=DIR" bash scripts/gpu/bench_serve.sh     # another model
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}; OUT=${OUT:-/tmp}; mkdir -p "$OUT"
 PORT=${PORT:-8000}
-"$PY" -m serve engine=gpu server.port="$PORT" > "$OUT/serve_server.log" 2>&1 &
+read -r -a SERVER <<< "${SERVER_ARGS:-}"
+"$PY" -m serve engine=gpu "${SERVER[@]}" server.port="$PORT" > "$OUT/serve_server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 for _ in $(seq 300); do
