@@ -1,19 +1,21 @@
 """Chunked prefill attention over pages in Mosaic GPU (Hopper).
 
-The engine's prefill kernel on a GPU for 16-bit dtypes and head dims 64/128 (see
-``kernels.attention_pallas.paged_prefill_attention``; float32 and other shapes take the
-Triton-lowered kernel). Why Mosaic GPU: kernels/NOTES.md ("Prefill: is a Mosaic GPU
-kernel the way ..."): 1.0x cuDNN from pages vs 0.55x for the Triton lowering.
+The engine's prefill kernel on a GPU for 16-bit dtypes and head dims 64/128 (the choice
+is made in ``kernels.attention.paged_prefill_attention``; float32 and other shapes take
+the Triton-lowered kernel of ``attention_pallas``). Why Mosaic GPU: kernels/NOTES.md
+("Prefill: is a Mosaic GPU kernel the way ..."): 1.0x cuDNN from pages vs 0.55x for the
+Triton lowering.
 
 Ragged queries are read and the output written in place: a program's tile is an aligned
 block of 2 * block_q rows of q (TMA loads at multiples of block_q), one program per
 (chunk, block it touches) and q head; a block shared by two chunks is computed once for
 each, and each stores only its own rows (``_store_rows``: TMA stores of power-of-two row
-counts from an untiled SMEM buffer). The padding rows past the last chunk are one more
-segment whose tiles store zeros. Two consumer warpgroups (block_q rows each) compute QK^T
-and PV with wgmma from swizzled SMEM, online softmax in base 2; a producer warpgroup fills a
-ring of ``steps`` K/V slots by TMA, one copy per page ([page_size, D] box), all the copies
-of a slot counted on that slot's barrier. A chunk that follows a prefix attends to it
+counts from an untiled SMEM buffer); the tile table is ``tiling.aligned_tiles``. The
+padding rows past the last chunk are one more segment whose tiles store zeros. Two
+consumer warpgroups (block_q rows each) compute QK^T and PV with wgmma from swizzled
+SMEM, online softmax in base 2; a producer warpgroup fills a ring of ``steps`` K/V slots
+by TMA, one copy per page ([page_size, D] box), all the copies of a slot counted on that
+slot's barrier. A chunk that follows a prefix attends to it
 (positions offset by kv_len - q_len). Pools: [L, P, S, KV, D]; q: [T, H, D].
 """
 
@@ -28,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.attention_pallas import segment_slots
+from kernels.tiling import aligned_tiles
 
 
 def _interpret_params():
@@ -212,15 +214,6 @@ def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, cu_ref, tseq_ref, tblk_re
             slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
             plgpu.barrier_wait(k_free.at[slot])
             plgpu.barrier_wait(v_free.at[slot])
-
-
-def aligned_tiles(cu_q_lens, num_tiles: int, tile: int):
-    """Tiles of q rows aligned to multiples of ``tile``: one per (segment, aligned block it
-    touches), segment i = rows cu_q_lens[i]:cu_q_lens[i+1]. -> (segment of each of the
-    num_tiles tiles, its block index; -1 for unused tiles)."""
-    cs, ce = cu_q_lens[:-1], cu_q_lens[1:]
-    seg, k, used = segment_slots(jnp.where(ce > cs, (ce + tile - 1) // tile - cs // tile, 0), num_tiles)
-    return seg, jnp.where(used, cs[seg] // tile + k, -1).astype(jnp.int32)
 
 
 def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_lens, *, scale,

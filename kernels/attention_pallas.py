@@ -14,15 +14,17 @@ Kernels
   log-sum-exp weighting in jnp (flash-decoding); the number of splits is picked from the
   static shapes so short batches of long contexts still fill the GPU.
 - ``paged_prefill_attention``: ragged chunks. The query tokens are cut into blocks that
-  never cross a sequence; grid (query block, KV head). A tile's ``block_q`` rows are the
-  block's tokens x the query heads of that KV head (GQA packing: each K/V tile is read
-  once for all of them). Each program first runs over the key blocks every one of its
+  never cross a sequence (``tiling.prefill_blocks``); grid (query block, KV head). A
+  tile's ``block_q`` rows are the block's tokens x the query heads of that KV head (GQA
+  packing: each K/V tile is read once for all of them). Each program first runs over the key blocks every one of its
   queries sees in full (no mask), then over the diagonal blocks with the causal mask.
 - ``write_kv``: this step's K/V rows into their slots, the pool aliased in place.
 - ``gather_pages`` / ``scatter_pages``: pages of every layer to or from a contiguous
   page-major staging buffer (transfer staging, host offload).
 
 Head dims must be powers of two (>= 16); other shapes fall back to the reference.
+The Mosaic GPU prefill kernel lives in ``attention_mgpu``; which of the two prefill kernels
+runs is decided in ``kernels.attention``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import attention_ref as ref
+from kernels.tiling import prefill_blocks
 
 _NEG = -1e30  # finite: a fully masked row gives zeros, not NaN
 _LOG2E = math.log2(math.e)
@@ -232,44 +235,11 @@ def _prefill_kernel(layer_ref, pt_ref, lens_ref, cu_ref, bseq_ref, bstart_ref, q
     plgpu.store(o_ref.at[rows, heads, d], o.astype(o_ref.dtype), mask=rmask)
 
 
-def segment_slots(counts, num_slots: int):
-    """Number the items of consecutive segments (counts[i] items in segment i) over
-    num_slots slots: (segment of each slot, its index within that segment, whether the
-    slot holds an item at all; unused slots are past every item)."""
-    cum = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
-    i = jnp.arange(num_slots, dtype=jnp.int32)
-    seg = jnp.clip(jnp.searchsorted(cum, i, side="right").astype(jnp.int32) - 1, 0, counts.shape[0] - 1)
-    return seg, i - cum[seg], i < cum[-1]
-
-
-def prefill_blocks(cu_q_lens, num_blocks: int, block_q: int):
-    """Cut the ragged queries into blocks of at most block_q tokens that never cross a
-    sequence: (sequence of each block, first token of each block). Unused blocks get a
-    start past their sequence's end, so they do nothing."""
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    seq, k, used = segment_slots((q_lens + block_q - 1) // block_q, num_blocks)
-    start = jnp.where(used, cu_q_lens[seq] + k * block_q, cu_q_lens[seq + 1])
-    return seq, start.astype(jnp.int32)
-
-
 def paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens, kv_lens, *,
                             max_q_len, scale, block_q: int = 128, block_k: int = 128,
-                            num_warps: int = 8, num_stages: int = 3, poison: bool = False,
-                            impl: str = "auto"):
-    """Ragged chunks. q [T, H, Dh] -> [T, H, Dh].
-
-    impl: ``mgpu`` (Mosaic GPU, kernels/attention_mgpu.py: 16-bit, head dim 64/128, page
-    size a multiple of 8), ``triton`` (this file's Triton-lowered kernel), ``auto``: mgpu
-    on a GPU where it applies, else triton (kernels/NOTES.md: 1.0x vs 0.55x cuDNN)."""
-    from kernels import attention_mgpu
-
-    S = k_pool.shape[2]
-    if impl == "auto":
-        impl = ("mgpu" if jax.devices()[0].platform == "gpu" and attention_mgpu.supported(q.dtype, q.shape[2], S)
-                else "triton")
-    if impl == "mgpu":
-        return attention_mgpu.paged_prefill_attention(q, k_pool, v_pool, layer, page_table, cu_q_lens,
-                                                      kv_lens, scale=scale, poison=poison)
+                            num_warps: int = 8, num_stages: int = 3, poison: bool = False):
+    """Ragged chunks. q [T, H, Dh] -> [T, H, Dh]. (The engine's ``pallas`` backend takes
+    the Mosaic GPU kernel instead on a GPU where it applies: kernels.attention.)"""
     T, H, D = q.shape
     KV = k_pool.shape[3]
     if not supported(D):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels import attention, tiling
 from kernels import attention_pallas as pk
 from kernels import attention_ref as ref
 
@@ -98,7 +99,7 @@ def _prefill_case(S, G, D, dtype, seqs, KV=2, seed=1, pad=5, **kw):
     cu = np.concatenate([[0], np.cumsum(q_lens), [sum(q_lens)]]).astype(np.int32)
     args = (q, k, v, 1, table, jnp.asarray(cu), jnp.asarray(kv_lens, jnp.int32))
     mq = max(q_lens)
-    got = pk.paged_prefill_attention(*args, max_q_len=mq, scale=D ** -0.5, poison=True, **kw)
+    got = attention.paged_prefill_attention(*args, max_q_len=mq, scale=D ** -0.5, poison=True, **kw)
     with jax.default_matmul_precision("highest"):
         want = ref.paged_prefill_attention(*args, max_q_len=mq, scale=D ** -0.5)
     assert got.shape == want.shape and got.dtype == want.dtype
@@ -194,7 +195,7 @@ def test_gather_scatter_pages_bit_exact():
 def test_prefill_blocks_never_cross_sequences():
     """The ragged block table covers every real token once and no block spans two sequences."""
     cu = jnp.asarray([0, 5, 5, 70, 71, 71], jnp.int32)
-    seq, start = map(np.asarray, pk.prefill_blocks(cu, num_blocks=-(-71 // 16) + 5, block_q=16))
+    seq, start = map(np.asarray, tiling.prefill_blocks(cu, num_blocks=-(-71 // 16) + 5, block_q=16))
     cu = np.asarray(cu)
     covered = []
     for b, s in zip(seq, start):
@@ -208,15 +209,13 @@ def test_mgpu_aligned_tiles_cover_every_row_once():
     """The Mosaic GPU kernel's aligned tiles: every row of q (chunks, then the padding
     segment) is in exactly one (segment, block) tile, and the tile count bound holds for
     random ragged layouts with empty chunks and chunk ends mid-block."""
-    from kernels.attention_mgpu import aligned_tiles
-
     rng, BT = np.random.default_rng(0), 128
     for _ in range(60):
         lens = rng.integers(0, 400, rng.integers(1, 6))
         T = int(lens.sum() + rng.integers(0, 300))
         cu = np.concatenate([[0], np.cumsum(lens), [T]]).astype(np.int32)
         NB = -(-T // BT) + len(lens)  # the wrapper's bound
-        seg, blk = map(np.asarray, aligned_tiles(jnp.asarray(cu), NB, BT))
+        seg, blk = map(np.asarray, tiling.aligned_tiles(jnp.asarray(cu), NB, BT))
         owner = np.full(T, -1)
         for s, b in zip(seg, blk):
             if b < 0:
