@@ -28,34 +28,50 @@ class ModelConfig:
       random -- random weights of the shape in ``random``; a byte-level tokenizer.
     """
 
-    name: str = MISSING
-    source: str = "gguf"
-    path: str = ""
-    gguf_package: str = ""
-    gguf_file: str = ""
+    name: str = MISSING  # what the server reports as the model's name (/v1/models)
+    source: str = "gguf"  # names: toolkit/models/loader.py SOURCES
+    path: str = ""  # a file (gguf) or directory (hf, orbax); see above
+    gguf_package: str = ""  # gguf without a path: the installed package holding the file...
+    gguf_file: str = ""  # ...and the file's name inside it
     # float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on GPU)
     dtype: str = "auto"
-    seed: int = 0
+    seed: int = 0  # random: the weights' seed
+    # random: ModelArgs fields overriding the tiny default shape (toolkit/models/random_init.py)
     random: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclasses.dataclass
 class EngineConfig:
+    """The engine's sizes and choices. These defaults are the CPU setup
+    (``conf/engine/default.yaml`` changes nothing); ``conf/engine/gpu.yaml`` holds the GPU
+    values."""
+
+    # Tokens per KV page, a power of two. One page of one layer of K (or V) is contiguous.
     page_size: int = 16
     # Total pages in the pool (page 0 is the reserved padding page). 0 = derive
     # from memory_fraction of the device's free memory.
     num_pages: int = 512
+    # Fraction of the device's free memory, when the engine is built, that the pool takes,
+    # in [0, 0.95]; 0 = the pool holds num_pages.
     memory_fraction: float = 0.0
+    # Most sequences in one decode step (running requests; more wait in the queue).
     max_batch_size: int = 32
     # Token budget of one prefill step (chunked prefill splits prompts to fit).
     chunk_size: int = 256
     # Most sequences prefilled together in one step.
     max_prefill_seqs: int = 8
-    max_model_len: int = 0  # 0 = model's max_position_embeddings
-    # Smallest bucket for token counts and batch sizes.
+    # Longest context (prompt + generated tokens) a request may reach; it also sizes the
+    # page table. 0 = the model's max_position_embeddings.
+    max_model_len: int = 2048
+    # Smallest bucket for token counts and batch sizes (shapes are padded to powers of two
+    # from here up, which bounds the number of compilations).
     min_bucket: int = 8
-    attention_backend: str = "auto"  # auto (pallas on a GPU, reference elsewhere) | reference | pallas
-    # Who allocates the KV pool on a GPU: auto | xla | cuda_malloc (see toolkit/cache/pool.py)
+    # auto (pallas on a GPU, reference elsewhere) | reference (jnp) | pallas (Triton-lowered
+    # decode and KV write, Mosaic GPU prefill where it applies); names: kernels/attention.py
+    attention_backend: str = "auto"
+    # Who allocates the KV pool on a GPU: auto (cuda_malloc when torch sees a GPU, else xla)
+    # | xla | cuda_malloc (cudaMalloc through torch, imported by DLPack: UCX's cuda_ipc can
+    # map it; see toolkit/cache/pool.py)
     kv_alloc: str = "auto"
     # auto: unroll on a GPU (one weight array per layer; a scan copies each layer's weights,
     # 3x the weight traffic), scan elsewhere (one compiled layer body) | scan | unroll
@@ -74,7 +90,8 @@ class RoleConfig:
     name: str = "unified"  # unified | prefill | decode | router
     # Control address this worker binds for P/D messages ("" = pick a free loopback port).
     control_address: str = ""
-    # router only: the workers it fronts, and how it picks them
+    # router only: the workers it fronts (base URLs), how it picks a pair per request, and
+    # how often it checks their health (a failing worker leaves the rotation until it answers)
     prefill_urls: list[str] = field(default_factory=list)
     decode_urls: list[str] = field(default_factory=list)
     policy: str = "round_robin"  # round_robin | least_loaded
@@ -83,12 +100,12 @@ class RoleConfig:
 
 @dataclasses.dataclass
 class CacheConfig:
-    policy: str = "none"
+    policy: str = "none"  # prefix-cache policy; names: toolkit/cache/policies.py (only none yet)
 
 
 @dataclasses.dataclass
 class TransferConfig:
-    backend: str = "none"  # none | nixl | inproc
+    backend: str = "none"  # none | nixl | inproc (toolkit/disagg/choices.py)
     # Decode waits this long for prefill to take a room (pages, handshake, metadata);
     # prefill waits this long for decode's room metadata.
     bootstrap_timeout_s: float = 30.0
@@ -111,9 +128,9 @@ class TransferConfig:
 
 @dataclasses.dataclass
 class ServerConfig:
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # address the HTTP server binds (0.0.0.0: every interface)
     port: int = 8000
-    log_level: str = "warning"
+    log_level: str = "warning"  # uvicorn's: critical | error | warning | info | debug | trace
     # Requests admitted at once (queued + running); beyond it: 503 with Retry-After.
     max_queue: int = 256
 

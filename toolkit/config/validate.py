@@ -1,6 +1,10 @@
 """Refuse impossible configurations before anything is loaded or allocated.
 
 Every message names the option (as a Hydra override path) and what is allowed.
+
+The allowed names are owned by the modules that implement the choices and read from
+them here; none of those imports loads kernel code (kernels.attention imports its
+Pallas / Mosaic GPU modules only when that backend is built; tests/config checks it).
 """
 
 from __future__ import annotations
@@ -8,14 +12,18 @@ from __future__ import annotations
 import os
 
 from kernels.attention import CHOICES as ATTENTION_CHOICES
+from toolkit.cache.policies import CACHE_POLICIES
 from toolkit.cache.pool import KV_ALLOC
+from toolkit.disagg.choices import PD_ROLES, TRANSFER_BACKENDS
+from toolkit.models.loader import SOURCES as MODEL_SOURCES
 from toolkit.models.spec import LAYER_LOOPS
 
-MODEL_SOURCES = ("gguf", "hf", "orbax", "random")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ROLES = ("unified", "prefill", "decode", "router")
-CACHE_POLICIES = ("none",)
-TRANSFER_BACKENDS = ("none", "nixl", "inproc")
+# Kept here: their implementations sit in modules that import JAX or FastAPI at the top
+# (toolkit.engine.engine.resolve_dtype; serve/__main__.py and serve/router.py).
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bfloat16 on GPU
+ROLES = ("unified", *PD_ROLES, "router")  # what a `python -m serve` process runs
+ROUTER_POLICIES = ("round_robin", "least_loaded")
+_PD_BACKENDS = ", ".join(b for b in TRANSFER_BACKENDS if b != "none")
 
 
 class ConfigError(ValueError):
@@ -82,16 +90,16 @@ def validate_pd(role, t, disagg: bool = False) -> None:
     if role.name == "router":
         _need(bool(role.prefill_urls) and bool(role.decode_urls),
               "role=router needs role.prefill_urls and role.decode_urls (lists of worker URLs)")
-        _one_of("role.policy", role.policy, ("round_robin", "least_loaded"))
+        _one_of("role.policy", role.policy, ROUTER_POLICIES)
         return
     if disagg:
         _need(role.name == "unified", f"disagg=true runs both roles in one process; drop role.name={role.name}")
-        _need(t.backend != "none", "disagg=true needs a transfer backend: set transfer to one of nixl, inproc")
-    elif role.name in ("prefill", "decode"):
+        _need(t.backend != "none", f"disagg=true needs a transfer backend: set transfer to one of {_PD_BACKENDS}")
+    elif role.name in PD_ROLES:
         _need(t.backend != "none", f"role.name={role.name} needs a transfer backend: "
-              "set transfer.backend to one of nixl, inproc")
+              f"set transfer.backend to one of {_PD_BACKENDS}")
     elif t.backend != "none":
-        _need(False, f"transfer.backend={t.backend} is only used by role.name=prefill or decode "
+        _need(False, f"transfer.backend={t.backend} is only used by role.name={' or '.join(PD_ROLES)} "
               f"(got role.name={role.name}); use transfer.backend=none")
     for f in ("bootstrap_timeout_s", "wait_timeout_s"):
         _need(getattr(t, f) > 0, f"transfer.{f}={getattr(t, f)} must be > 0")
