@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from kernels import attention as attn
 from kernels import attention_pallas as pk
 from kernels import attention_ref as ref
 from toolkit.bench import config, core
@@ -184,7 +185,7 @@ def ours_prefill_rows(rows, case, args, max_q_len, want, flops, flops_ceiling):
     for name, kw in (("ours (auto: Mosaic GPU on a GPU)", {}), ("ours, Pallas-Triton", {"impl": "triton"})):
         if kw and jax.devices()[0].platform != "gpu":
             continue
-        f = jax.jit(lambda q, k, v, pt, cu, kl, kw=kw: pk.paged_prefill_attention(
+        f = jax.jit(lambda q, k, v, pt, cu, kl, kw=kw: attn.paged_prefill_attention(
             q, k, v, 0, pt, cu, kl, max_q_len=max_q_len, scale=D ** -0.5, **kw, **PREFILL_KW))
         err = rel_err(f(*args), want)
         t = bench(f, *args, iters=10)
@@ -265,7 +266,7 @@ def sweep(bw: float, fl: float) -> list[dict]:
         # block_q rows are tokens x 4 heads (GQA-packed)
         f = jax.jit(lambda q, k, bq=bq, bk=bk, w=w, st=st: pk.paged_prefill_attention(
             q, k, k, 0, jnp.asarray(perm)[None], jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32),
-            max_q_len=T, scale=0.088, block_q=bq, block_k=bk, num_warps=w, num_stages=st, impl="triton"))
+            max_q_len=T, scale=0.088, block_q=bq, block_k=bk, num_warps=w, num_stages=st))
         rows.append(_sweep_row("prefill T=4096 sweep (Triton)", f"block_q {bq} block_k {bk} warps {w} stages {st}",
                                f, qp, kp, iters=5, amount=flops, ceiling=fl))
     return rows
