@@ -22,7 +22,7 @@ from tests.engine.test_oracle_smollm2 import CHAT, NEW_TOKENS, RAW  # noqa: E402
 from toolkit.config import load_config  # noqa: E402
 from toolkit.engine.request import SamplingParams  # noqa: E402
 
-REF = ROOT / "scripts" / "data" / "smollm2_greedy_ref.json"
+REF = ROOT / "tests" / "data" / "smollm2_greedy_ref.json"
 
 
 def greedy(dtype: str, overrides: list[str]) -> dict:
