@@ -106,3 +106,21 @@ def dense_causal_attention(q, k, v, *, scale):
     pos = jnp.arange(N - T, N)
     mask = jnp.arange(N)[None, :] <= pos[:, None]
     return _attend(q[None], k[None], v[None], mask[None], scale)[0].astype(q.dtype)
+
+
+def scattered_page_table(rng, pages_per_seq: list[int], num_pages: int, junk: bool = False):
+    """Test and benchmark inputs: a page table [B, max(pages_per_seq)] int32 whose sequence b
+    holds pages_per_seq[b] pages drawn from one random permutation of 1..num_pages-1 (no
+    page shared, none adjacent by design; page 0 is the padding page). Entries past a
+    sequence's pages are 0, or random page ids when ``junk`` (kernels must mask them by
+    kv_lens)."""
+    import numpy as np
+
+    perm = rng.permutation(np.arange(1, num_pages))
+    shape = (len(pages_per_seq), max(pages_per_seq))
+    table = rng.integers(0, num_pages, shape, dtype=np.int32) if junk else np.zeros(shape, np.int32)
+    off = 0
+    for b, n in enumerate(pages_per_seq):
+        table[b, :n] = perm[off:off + n]
+        off += n
+    return table

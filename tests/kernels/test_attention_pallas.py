@@ -16,6 +16,7 @@ import pytest
 from kernels import attention, tiling
 from kernels import attention_pallas as pk
 from kernels import attention_ref as ref
+from toolkit.cache.allocator import pages_for
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 TOL = {jnp.bfloat16: 1e-2, jnp.float32: 1e-5 if not ON_GPU else 1e-4}
@@ -30,17 +31,11 @@ def _rel(a, b):
 
 def _pool(rng, lens, S, KV, D, dtype, L=2, extra=3):
     """Random pools; each sequence's KV on random non-contiguous pages of layer 1."""
-    need = [-(-n // S) for n in lens]
+    need = [pages_for(n, S) for n in lens]
     P = 1 + sum(need) + extra
     k = jnp.asarray(rng.standard_normal((L, P, S, KV, D)), dtype)
     v = jnp.asarray(rng.standard_normal((L, P, S, KV, D)), dtype)
-    perm = rng.permutation(np.arange(1, P))
-    table = rng.integers(0, P, (len(lens), max(need)), dtype=np.int32)  # junk past each length
-    off = 0
-    for b, n in enumerate(need):
-        table[b, :n] = perm[off:off + n]
-        off += n
-    return k, v, jnp.asarray(table)
+    return k, v, jnp.asarray(ref.scattered_page_table(rng, need, P, junk=True))
 
 
 def _decode_case(S, G, D, dtype, lens, KV=2, seed=0, **kw):

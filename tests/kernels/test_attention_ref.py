@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kernels import attention_ref as ref
+from toolkit.cache.allocator import pages_for
 
 
 @pytest.fixture(autouse=True)
@@ -17,18 +18,11 @@ def _exact_matmuls():
 
 def _setup(rng, lens, page_size, KV, Dh, L=2, extra_pages=3, dtype=np.float32):
     """Random pool with each sequence's KV on random non-contiguous pages of layer 1."""
-    need = [-(-n // page_size) for n in lens]
+    need = [pages_for(n, page_size) for n in lens]
     P = 1 + sum(need) + extra_pages
     k_pool = rng.standard_normal((L, P, page_size, KV, Dh)).astype(dtype)
     v_pool = rng.standard_normal((L, P, page_size, KV, Dh)).astype(dtype)
-    perm = rng.permutation(np.arange(1, P))
-    maxP = max(need)
-    table = np.zeros((len(lens), maxP), np.int32)
-    off = 0
-    for b, n in enumerate(need):
-        table[b, :n] = perm[off:off + n]
-        off += n
-    return k_pool, v_pool, table
+    return k_pool, v_pool, ref.scattered_page_table(rng, need, P)
 
 
 def _contig(pool, layer, table_row, n):

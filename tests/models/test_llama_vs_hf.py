@@ -8,6 +8,7 @@ from flax import nnx
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kernels.attention import REFERENCE
+from toolkit.cache.allocator import pages_for
 from toolkit.engine.inputs import StepInputs
 from toolkit.models.llama import Llama, forward
 from toolkit.models.spec import ModelArgs, check_weights
@@ -54,7 +55,7 @@ def our_logits_all_positions(a, w, ids, page_size=4):
     """Prefill the whole sequence in one ragged step, asking for logits at every position."""
     graphdef, state = nnx.split(Llama(a, w, jnp.float32))
     T = len(ids)
-    npages = -(-T // page_size)
+    npages = pages_for(T, page_size)
     P = npages + 2
     pages = np.random.default_rng(0).permutation(np.arange(1, P))[:npages].astype(np.int32)
     pos = np.arange(T)

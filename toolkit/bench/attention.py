@@ -159,12 +159,7 @@ def run_prefill_ragged(rows, flops_ceiling, quick):
     need = [pages_for(n, S) for n in kv]
     rng = np.random.default_rng(1)
     P = 1 + sum(need)
-    perm = rng.permutation(np.arange(1, P)).astype(np.int32)
-    table = np.zeros((len(kv), max(need)), np.int32)
-    off = 0
-    for b, n in enumerate(need):
-        table[b, :n] = perm[off:off + n]
-        off += n
+    table = ref.scattered_page_table(rng, need, P)
     T = sum(chunks)
     q = jax.random.normal(jax.random.key(6), (T, H, D), jnp.bfloat16)
     kp = jax.random.normal(jax.random.key(7), (1, P, S, KV, D), jnp.bfloat16)
