@@ -20,6 +20,16 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.transfer_bytes = Gauge("kv_transfer_bytes", "KV bytes written to decode workers", registry=r)
         self.transfer_failures = Gauge("kv_transfer_failures", "failed KV transfers", registry=r)
+        # a compilation while serving stalls every request of the worker: watch these
+        self.compilations = Gauge("step_compilations", "executables of the engine's jitted step", registry=r)
+        self.compile_seconds = Gauge("step_compile_seconds", "host seconds spent compiling the step",
+                                     registry=r)
+
+    def set_engine(self, stats) -> None:
+        """The gauges an engine's ``EngineStats`` feeds (every role has one)."""
+        self.pages.set(stats.pages_used)
+        self.compilations.set(stats.num_compilations)
+        self.compile_seconds.set(stats.compile_seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

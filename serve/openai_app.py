@@ -39,6 +39,9 @@ class Backend(Protocol):
 
     def load(self) -> dict[str, int]: ...
 
+    def engine_stats(self):
+        """The ``EngineStats`` of the engine behind this front, or None (the router has none)."""
+
     async def startup(self) -> None:
         """Called once when the server starts (start the engine loop, open clients)."""
 
@@ -89,6 +92,8 @@ def create_openai_app(backend: Backend, metrics: Metrics | None = None, title: s
         m.queue.set(load.get("waiting", 0))
         m.running.set(load.get("running", 0))
         m.pages.set(load.get("pages_in_use", 0))
+        if (st := backend.engine_stats()) is not None:
+            m.set_engine(st)
         m.transfer_bytes.set(load.get("transfer_bytes", 0))
         m.transfer_failures.set(load.get("transfer_failures", 0))
         return Response(m.render(), media_type="text/plain; version=0.0.4")

@@ -70,7 +70,7 @@ def create_app(worker) -> FastAPI:
     @app.get("/metrics")
     async def metrics_endpoint():
         st = await stats()
-        metrics.pages.set(st["pages_used"])
+        metrics.set_engine(await loop.call(worker.engine.stats))
         metrics.running.set(st["rooms_active"])
         metrics.transfer_bytes.set(st["transfer_bytes"])
         metrics.transfer_failures.set(st["transfer_failures"])

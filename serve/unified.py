@@ -86,6 +86,9 @@ class UnifiedBackend:
     async def shutdown(self) -> None:
         self.loop.stop()
 
+    def engine_stats(self):
+        return self.engine.stats()
+
     def load(self) -> dict[str, int]:
         s = self.engine.stats()
         return {"waiting": s.waiting, "running": s.running, "pages_in_use": s.pages_used,

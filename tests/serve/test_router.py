@@ -84,7 +84,7 @@ def test_client_disconnect_through_router_frees_every_worker(cluster):
     for w in (pre, *decs):
         w.wait_idle()
     m = httpx.get(decs[0].url + "/metrics").text
-    assert "kv_pages_in_use 0.0" in m and "kv_transfer_failures" in m
+    assert "kv_pages_in_use 0.0" in m and "kv_transfer_failures" in m and "step_compilations" in m
 
 
 def test_killing_a_decode_worker_mid_stream(cluster):

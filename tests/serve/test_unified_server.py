@@ -124,6 +124,9 @@ def test_client_disconnect_aborts_and_frees_pages(server):
     wait_free(server, timeout=20)
     text = httpx.get(server.url + "/metrics").text
     assert "time_to_first_token_seconds_count" in text and "kv_pages_in_use 0.0" in text
+    # compilations are visible: each one stalls every request of the worker
+    comp = [ln for ln in text.splitlines() if ln.startswith(("step_compilations ", "step_compile_seconds "))]
+    assert len(comp) == 2 and all(float(ln.split()[1]) > 0 for ln in comp), comp
 
 
 @pytest.mark.parametrize("workload", ["random", "multiturn"])
