@@ -91,9 +91,10 @@ def create_openai_app(backend: Backend, metrics: Metrics | None = None, title: s
         load = backend.load()
         m.queue.set(load.get("waiting", 0))
         m.running.set(load.get("running", 0))
-        m.pages.set(load.get("pages_in_use", 0))
         if (st := backend.engine_stats()) is not None:
-            m.set_engine(st)
+            m.set_engine(st)  # pages, compilations
+        else:
+            m.pages.set(load.get("pages_in_use", 0))
         m.transfer_bytes.set(load.get("transfer_bytes", 0))
         m.transfer_failures.set(load.get("transfer_failures", 0))
         return Response(m.render(), media_type="text/plain; version=0.0.4")

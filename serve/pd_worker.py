@@ -67,10 +67,18 @@ def create_app(worker) -> FastAPI:
 
     metrics = app.state.metrics = Metrics()
 
+    def snapshot():
+        """(EngineStats, the /pd/stats record), read together on the loop thread."""
+        e = worker.engine.stats()
+        return e, {"pages_used": e.pages_used, "pages_usable": e.pages_usable, "aux_free": worker.aux.num_free,
+                   "aux_slots": worker.tcfg.max_rooms, "rooms_active": len(worker.active_rooms()),
+                   "idle": worker.idle(), "mem_type": getattr(getattr(worker.backend, "spec", None),
+                                                              "mem_type", "?"), **worker.stats}
+
     @app.get("/metrics")
     async def metrics_endpoint():
-        st = await stats()
-        metrics.set_engine(await loop.call(worker.engine.stats))
+        e, st = await loop.call(snapshot)
+        metrics.set_engine(e)
         metrics.running.set(st["rooms_active"])
         metrics.transfer_bytes.set(st["transfer_bytes"])
         metrics.transfer_failures.set(st["transfer_failures"])
@@ -78,13 +86,7 @@ def create_app(worker) -> FastAPI:
 
     @app.get("/pd/stats")
     async def stats():
-        def read():
-            e = worker.engine.stats()
-            return {"pages_used": e.pages_used, "pages_usable": e.pages_usable, "aux_free": worker.aux.num_free,
-                    "aux_slots": worker.tcfg.max_rooms, "rooms_active": len(worker.active_rooms()),
-                    "idle": worker.idle(), "mem_type": getattr(getattr(worker.backend, "spec", None),
-                                                                  "mem_type", "?"), **worker.stats}
-        return await loop.call(read)
+        return (await loop.call(snapshot))[1]
 
     if worker.role == "prefill":
         @app.post("/pd/prefill")

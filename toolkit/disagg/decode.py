@@ -76,6 +76,7 @@ class DecodeWorker(WorkerBase):
     def _admit_pending(self) -> None:
         """Pre-allocate pages in arrival order; stop at the first room that does not fit."""
         S = self.page_size
+        running = self.engine.stats().running if self._pending else 0  # admitting pages changes nothing here
         while self._pending:
             r = self._pending[0]
             if r.state.done:
@@ -87,7 +88,7 @@ class DecodeWorker(WorkerBase):
                 continue
             self._handshake(r.peer_addr)
             need = num_prompt_pages(r, S)
-            busy = self.engine.stats().running + sum(
+            busy = running + sum(
                 1 for x in self.active_rooms() if x.state is not RoomState.BOOTSTRAPPING)
             if not self.engine.can_reserve(need) or self.aux.num_free == 0 or busy >= self.engine.cfg.max_batch_size:
                 return
