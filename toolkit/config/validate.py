@@ -14,7 +14,7 @@ import os
 from kernels.attention import CHOICES as ATTENTION_CHOICES
 from toolkit.cache.policies import CACHE_POLICIES
 from toolkit.cache.pool import KV_ALLOC
-from toolkit.disagg.choices import PD_ROLES, TRANSFER_BACKENDS
+from toolkit.disagg.choices import PD_ROLES, PD_TRANSFER_BACKENDS, TRANSFER_BACKENDS
 from toolkit.models.loader import SOURCES as MODEL_SOURCES
 from toolkit.models.spec import LAYER_LOOPS
 
@@ -23,7 +23,7 @@ from toolkit.models.spec import LAYER_LOOPS
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bfloat16 on GPU
 ROLES = ("unified", *PD_ROLES, "router")  # what a `python -m serve` process runs
 ROUTER_POLICIES = ("round_robin", "least_loaded")
-_PD_BACKENDS = ", ".join(b for b in TRANSFER_BACKENDS if b != "none")
+_PD_BACKENDS = ", ".join(PD_TRANSFER_BACKENDS)
 
 
 class ConfigError(ValueError):
@@ -80,7 +80,7 @@ def validate(cfg) -> None:
     validate_model(cfg.model)
     validate_engine(cfg.engine)
     _one_of("role.name", cfg.role.name, ROLES)
-    _one_of("cache.policy", cfg.cache.policy, CACHE_POLICIES)
+    validate_cache(cfg.cache)
     _one_of("transfer.backend", cfg.transfer.backend, TRANSFER_BACKENDS)
     validate_pd(cfg.role, cfg.transfer, getattr(cfg, "disagg", False))
 

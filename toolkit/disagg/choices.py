@@ -9,5 +9,6 @@
 class each, prefill.py and decode.py).
 """
 
-TRANSFER_BACKENDS = ("none", "nixl", "inproc")
+PD_TRANSFER_BACKENDS = ("nixl", "inproc")  # the ones that move KV (the P/D roles need one)
+TRANSFER_BACKENDS = ("none", *PD_TRANSFER_BACKENDS)
 PD_ROLES = ("prefill", "decode")

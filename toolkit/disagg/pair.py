@@ -13,7 +13,7 @@ import time
 import uuid
 
 from toolkit.config.schema import EngineConfig, TransferConfig
-from toolkit.disagg.choices import TRANSFER_BACKENDS
+from toolkit.disagg.choices import PD_TRANSFER_BACKENDS
 from toolkit.disagg.control import ControlChannel, free_tcp_address
 from toolkit.disagg.decode import DecodeWorker
 from toolkit.disagg.prefill import PrefillWorker
@@ -33,7 +33,7 @@ def make_backend(kind: str, agent_name: str, engine: Engine, aux: AuxBuffer, tcf
         from toolkit.disagg.transfer import pool_spec
 
         return NixlBackend(agent_name, pool_spec(engine.pool), aux, backends=tuple(tcfg.nixl_backends))
-    raise ValueError(f"transfer.backend={kind!r}; allowed: {', '.join(b for b in TRANSFER_BACKENDS if b != 'none')}")
+    raise ValueError(f"transfer.backend={kind!r}; allowed: {', '.join(PD_TRANSFER_BACKENDS)}")
 
 
 def make_worker(role: str, engine: Engine, tcfg: TransferConfig, control_address: str = "",
