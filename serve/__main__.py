@@ -13,8 +13,9 @@ def build_pd_worker(cfg):
     from toolkit.engine.engine import Engine
 
     validate(cfg)
-    engine = Engine.from_config(cfg.model, cfg.engine, keep_pages_on_finish=cfg.role.name == "prefill",
-                                cache=cfg.cache)
+    prefill = cfg.role.name == "prefill"
+    engine = Engine.from_config(cfg.model, cfg.engine, keep_pages_on_finish=prefill, cache=cfg.cache,
+                                prefill_only=prefill)
     return make_worker(cfg.role.name, engine, cfg.transfer, cfg.role.control_address)
 
 

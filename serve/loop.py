@@ -18,8 +18,14 @@ log = logging.getLogger(__name__)
 
 
 class EngineLoop:
+    """The worker's thread. It first warms the worker up (``worker.warmup(on_progress)``:
+    the engine compiles its bucket set, when ``engine.warmup``), answering calls between
+    shapes; ``starting`` says why it is not ready yet (None once it is). HTTP handlers
+    refuse work while ``starting`` is set, so only read-only calls (stats) run then."""
+
     def __init__(self, worker, idle_sleep_s: float = 0.001):
         self.worker = worker
+        self.starting: str | None = "starting: the engine loop has not started"
         self._calls: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._idle_sleep = idle_sleep_s
@@ -48,22 +54,43 @@ class EngineLoop:
     def emit(aloop: asyncio.AbstractEventLoop, q: asyncio.Queue, item: Any) -> None:
         aloop.call_soon_threadsafe(q.put_nowait, item)
 
+    def _drain(self) -> None:
+        while True:
+            try:
+                fn, aloop, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                res = fn()
+                if fut is not None:
+                    aloop.call_soon_threadsafe(_resolve, fut, res, None)
+            except Exception as e:  # the caller gets the error; the loop goes on
+                if fut is None:
+                    log.exception("call on the loop thread failed")
+                else:
+                    aloop.call_soon_threadsafe(_resolve, fut, None, e)
+
+    def _warmup(self) -> None:
+        def progress(done: int, total: int) -> None:
+            self.starting = f"starting: compiling step shapes ({done}/{total} done)"
+            self._drain()
+
+        self.starting = "starting: compiling step shapes"
+        t0 = time.perf_counter()
+        try:
+            rep = self.worker.warmup(progress)
+        except Exception as e:  # the worker stays up, refusing work, and says why
+            log.exception("warm-up failed")
+            self.starting = f"warm-up failed: {e}"
+            return
+        self.starting = None
+        log.warning("%s worker ready after %.1f s of warm-up%s", self.worker.role, time.perf_counter() - t0,
+                    f": {rep}" if rep is not None else " (engine.warmup=false: shapes compile on first use)")
+
     def _run(self) -> None:
+        self._warmup()
         while not self._stop.is_set():
-            while True:
-                try:
-                    fn, aloop, fut = self._calls.get_nowait()
-                except queue.Empty:
-                    break
-                try:
-                    res = fn()
-                    if fut is not None:
-                        aloop.call_soon_threadsafe(_resolve, fut, res, None)
-                except Exception as e:  # the caller gets the error; the loop goes on
-                    if fut is None:
-                        log.exception("call on the loop thread failed")
-                    else:
-                        aloop.call_soon_threadsafe(_resolve, fut, None, e)
+            self._drain()
             try:
                 self.worker.tick()
                 self.worker.forget_done()

@@ -24,12 +24,22 @@ class Metrics:
         self.compilations = Gauge("step_compilations", "executables of the engine's jitted step", registry=r)
         self.compile_seconds = Gauge("step_compile_seconds", "host seconds spent compiling the step",
                                      registry=r)
+        self.step_shapes = Gauge("step_shapes", "shapes in the engine's bucket set (what warm-up compiles)",
+                                 registry=r)
+        self.warmed_up = Gauge("warmed_up", "1 once every shape of the bucket set is compiled", registry=r)
+        self.xla_compiled = Gauge("xla_compilations", "XLA compilations in this process", registry=r)
+        self.xla_loaded = Gauge("xla_cache_loads", "executables loaded from the persistent compile cache",
+                                registry=r)
 
     def set_engine(self, stats) -> None:
         """The gauges an engine's ``EngineStats`` feeds (every role has one)."""
         self.pages.set(stats.pages_used)
         self.compilations.set(stats.num_compilations)
         self.compile_seconds.set(stats.compile_seconds)
+        self.step_shapes.set(stats.max_compilations)
+        self.warmed_up.set(int(stats.warmed_up))
+        self.xla_compiled.set(stats.xla_compiled)
+        self.xla_loaded.set(stats.xla_loaded)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

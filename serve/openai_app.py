@@ -42,6 +42,9 @@ class Backend(Protocol):
     def engine_stats(self):
         """The ``EngineStats`` of the engine behind this front, or None (the router has none)."""
 
+    def starting(self) -> str | None:
+        """Why this front cannot serve yet (warm-up in progress, or failed), or None: ready."""
+
     async def startup(self) -> None:
         """Called once when the server starts (start the engine loop, open clients)."""
 
@@ -79,6 +82,8 @@ def create_openai_app(backend: Backend, metrics: Metrics | None = None, title: s
 
     @app.get("/health")
     async def health():
+        if (why := backend.starting()) is not None:
+            return JSONResponse({"status": "starting", "reason": why}, status_code=503)
         return {"status": "ok", **backend.load()}
 
     @app.get("/v1/models")
@@ -122,6 +127,9 @@ def create_openai_app(backend: Backend, metrics: Metrics | None = None, title: s
         except ValueError as e:
             m.requests.labels(path, "400").inc()
             return error(400, str(e), str(e).split(":")[0])
+        if (why := backend.starting()) is not None:
+            m.requests.labels(path, "503").inc()
+            return error(503, why, headers={"Retry-After": "5"})
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         try:
             q = await backend.start(ids, params, rid)

@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from serve.loop import EngineLoop
@@ -59,7 +59,13 @@ def create_app(worker) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if (why := loop.starting) is not None:
+            return JSONResponse({"status": "starting", "reason": why, "role": worker.role}, status_code=503)
         return {"status": "ok", "role": worker.role}
+
+    def refuse_while_starting():
+        if (why := loop.starting) is not None:
+            raise HTTPException(503, why, headers={"Retry-After": "5"})
 
     @app.get("/pd/info")
     async def info():
@@ -91,6 +97,7 @@ def create_app(worker) -> FastAPI:
     if worker.role == "prefill":
         @app.post("/pd/prefill")
         async def prefill(req: PDRequest):
+            refuse_while_starting()
             params = _params(req.params)
             try:
                 await loop.call(lambda: worker.submit(req.room, req.prompt_ids, params, req.decode_address))
@@ -101,6 +108,7 @@ def create_app(worker) -> FastAPI:
     if worker.role == "decode":
         @app.post("/pd/decode")
         async def decode(req: PDRequest, request: Request):
+            refuse_while_starting()
             params = _params(req.params)
             aloop, q = asyncio.get_running_loop(), asyncio.Queue()
 

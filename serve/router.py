@@ -58,6 +58,9 @@ class RouterBackend:
     def engine_stats(self):
         return None  # the engines are the workers'; their own /metrics report them
 
+    def starting(self) -> str | None:
+        return None  # workers still warming up answer 503 to health checks: out of rotation
+
     async def startup(self) -> None:
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None), limits=limits)

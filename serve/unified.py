@@ -31,6 +31,9 @@ class UnifiedWorker:
     def idle(self) -> bool:
         return not self.engine.has_unfinished()
 
+    def warmup(self, on_progress):
+        return self.engine.warmup(on_progress=on_progress)
+
     def forget_done(self) -> None:
         pass
 
@@ -88,6 +91,9 @@ class UnifiedBackend:
 
     def engine_stats(self):
         return self.engine.stats()
+
+    def starting(self) -> str | None:
+        return self.loop.starting
 
     def load(self) -> dict[str, int]:
         s = self.engine.stats()

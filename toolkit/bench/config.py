@@ -106,11 +106,37 @@ class ServeBench:
 
 
 @dataclasses.dataclass
+class StartupBench:
+    """``python -m toolkit.bench.startup``: warm-up per step shape (``compile``, this
+    process), or a real server's time to ready, cold and warm compile cache (``serve``)."""
+
+    mode: str = "compile"  # compile | serve
+    # serve: the overrides of `python -m serve` (role, model, engine, ...); server.port and
+    # engine.compile_cache_dir are set per run
+    server_args: list[str] = field(default_factory=lambda: ["model=tiny-random"])
+    cache_dir: str = ""  # serve: the compile cache of the runs ("" = a new temporary directory)
+    port: int = 8321
+    ready_timeout_s: float = 1800
+    warm_runs: int = 1  # serve: restarts with the filled cache (the last one takes the load)
+    # serve: the load against the last warm server (num_requests=0: none)
+    load: ServeBench = field(default_factory=lambda: ServeBench(num_requests=0, input_len=64, output_len=128,
+                                                                concurrency=64))
+    json_out: str = ""
+
+
+@dataclasses.dataclass
 class ThroughputRun:
     model: ModelConfig = MISSING
     engine: EngineConfig = field(default_factory=EngineConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     bench: ThroughputBench = field(default_factory=ThroughputBench)
+
+
+@dataclasses.dataclass
+class StartupRun:
+    model: ModelConfig = MISSING
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    bench: StartupBench = field(default_factory=StartupBench)
 
 
 @dataclasses.dataclass
@@ -134,7 +160,7 @@ class ServeRun:
 
 
 SCHEMAS = {"throughput": ThroughputRun, "attention": AttentionRun, "decode": DecodeRun,
-           "transfer": TransferRun, "serve": ServeRun}
+           "transfer": TransferRun, "serve": ServeRun, "startup": StartupRun}
 
 
 def register() -> None:

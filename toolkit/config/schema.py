@@ -63,9 +63,23 @@ class EngineConfig:
     # Longest context (prompt + generated tokens) a request may reach; it also sizes the
     # page table. 0 = the model's max_position_embeddings.
     max_model_len: int = 2048
-    # Smallest bucket for token counts and batch sizes (shapes are padded to powers of two
-    # from here up, which bounds the number of compilations).
+    # Smallest bucket for token counts and batch sizes, a power of two (shapes are padded
+    # to powers of two from here up; the set of shapes is toolkit/engine/buckets.py's).
     min_bucket: int = 8
+    # auto | compact (one page-table width and one prefill sequence count: the GPU kernels
+    # loop to each sequence's length, so padding costs them nothing) | fine (powers of two
+    # for those too: the jnp reference's cost grows with the padded shape). auto: compact
+    # with the Pallas kernels, fine with the reference (CPU). toolkit/engine/buckets.py
+    shape_buckets: str = "auto"
+    # Compile every step shape of the bucket set before a server reports ready (/health is
+    # 503 "starting" until then), so serving never stalls on a compilation. Off on CPU by
+    # default: the reference's fine set is hundreds of shapes (minutes of compiling) while
+    # a CPU session uses a few; conf/engine/gpu.yaml turns it on.
+    warmup: bool = False
+    # JAX's persistent compilation cache: executables written here are loaded, not
+    # compiled, by the next process with the same model, config and JAX version.
+    # "" = off. Delete the directory to clear it.
+    compile_cache_dir: str = "~/.cache/jax-pd-toolkit/xla"
     # auto (pallas on a GPU, reference elsewhere) | reference (jnp) | pallas (Triton-lowered
     # decode and KV write, Mosaic GPU prefill where it applies); names: kernels/attention.py
     attention_backend: str = "auto"

@@ -15,6 +15,7 @@ from kernels.attention import CHOICES as ATTENTION_CHOICES
 from toolkit.cache.policies import CACHE_POLICIES
 from toolkit.cache.pool import KV_ALLOC
 from toolkit.disagg.choices import PD_ROLES, PD_TRANSFER_BACKENDS, TRANSFER_BACKENDS
+from toolkit.engine.buckets import SHAPE_BUCKETS
 from toolkit.models.loader import SOURCES as MODEL_SOURCES
 from toolkit.models.spec import LAYER_LOOPS
 
@@ -62,7 +63,9 @@ def validate_engine(e) -> None:
           f"engine.memory_fraction={e.memory_fraction} must be in [0, 0.95] (0 = use engine.num_pages)")
     _need(e.max_batch_size >= 1, f"engine.max_batch_size={e.max_batch_size} must be >= 1")
     _need(e.max_prefill_seqs >= 1, f"engine.max_prefill_seqs={e.max_prefill_seqs} must be >= 1")
-    _need(e.min_bucket >= 1, f"engine.min_bucket={e.min_bucket} must be >= 1")
+    mb = e.min_bucket
+    _need(isinstance(mb, int) and mb >= 1 and mb & (mb - 1) == 0,
+          f"engine.min_bucket={mb} must be a power of two (shapes are padded to powers of two from it)")
     _need(e.chunk_size >= 1, f"engine.chunk_size={e.chunk_size} must be >= 1")
     _need(e.max_model_len >= 0, f"engine.max_model_len={e.max_model_len} must be >= 0 (0 = the model's)")
     if e.memory_fraction == 0:
@@ -73,6 +76,7 @@ def validate_engine(e) -> None:
     _one_of("engine.attention_backend", e.attention_backend, ATTENTION_CHOICES)
     _one_of("engine.kv_alloc", e.kv_alloc, KV_ALLOC)
     _one_of("engine.layer_loop", e.layer_loop, LAYER_LOOPS)
+    _one_of("engine.shape_buckets", e.shape_buckets, SHAPE_BUCKETS)
 
 
 def validate(cfg) -> None:

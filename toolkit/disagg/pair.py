@@ -54,7 +54,7 @@ class PDPair:
         import jax.numpy as jnp
 
         dtype = dtype or jnp.float32
-        self.prefill = make_worker("prefill", Engine(ckpt, ecfg, dtype, keep_pages_on_finish=True), tcfg)
+        self.prefill = make_worker("prefill", Engine(ckpt, ecfg, dtype, keep_pages_on_finish=True, prefill_only=True), tcfg)
         self.decode = make_worker("decode", Engine(ckpt, decode_ecfg or ecfg, dtype), tcfg)
         self._rooms = itertools.count(random.randrange(1 << 40))
 

@@ -122,6 +122,10 @@ class WorkerBase:
     def idle(self) -> bool:
         return not self.active_rooms() and not self.engine.has_unfinished()
 
+    def warmup(self, on_progress=None):
+        """Before the first room: compile the engine's bucket set (``Engine.warmup``)."""
+        return self.engine.warmup(on_progress=on_progress)
+
     def forget_done(self) -> None:
         for k in [k for k, r in self.rooms.items() if r.state.done and not self._holds(r)]:
             del self.rooms[k]

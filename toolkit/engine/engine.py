@@ -15,6 +15,7 @@ from toolkit.cache.allocator import PageAllocator, pages_for
 from toolkit.cache.pool import KVPool, PoolLayout
 from toolkit.config import validate as V
 from toolkit.config.schema import CacheConfig, EngineConfig, ModelConfig
+from toolkit.engine import compile_cache
 from toolkit.engine.request import RequestOutput, SamplingParams, Sequence, Status
 from toolkit.engine.runner import Launched, ModelRunner
 from toolkit.engine.scheduler import Scheduler
@@ -67,13 +68,28 @@ class EngineStats:
     pages_usable: int  # the pool's pages but the padding page
     num_preemptions: int
     num_compilations: int  # executables of the jitted step so far
-    max_compilations: int  # the bound bucketing guarantees
-    compile_seconds: float  # host time spent compiling new shapes
+    max_compilations: int  # the shapes of the bucket set: what a warmed-up engine holds
+    compile_seconds: float  # host time spent compiling new shapes (or loading them)
+    warmed_up: bool  # every shape of the bucket set compiled (Engine.warmup)
+    xla_compiled: int  # this process's XLA compilations (every jitted function) ...
+    xla_loaded: int  # ... and executables loaded from the persistent compile cache instead
 
     @property
     def idle(self) -> bool:
         """Nothing queued or running and every page back."""
         return not self.waiting and not self.running and self.pages_used == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupReport:
+    shapes: int  # step shapes run
+    seconds: float
+    compiled: int  # XLA compilations during warm-up ...
+    loaded: int  # ... and executables loaded from the compile cache instead
+
+    def __str__(self) -> str:
+        return (f"{self.shapes} step shapes in {self.seconds:.1f} s "
+                f"({self.compiled} compiled, {self.loaded} loaded from the compile cache)")
 
 
 class Engine:
@@ -84,11 +100,15 @@ class Engine:
     table when it finishes; its ``Sequence`` object keeps the result."""
 
     def __init__(self, ckpt: Checkpoint, ecfg: EngineConfig, dtype=jnp.float32,
-                 keep_pages_on_finish: bool = False, cache: CacheConfig | None = None):
+                 keep_pages_on_finish: bool = False, cache: CacheConfig | None = None,
+                 prefill_only: bool = False):
         """keep_pages_on_finish: finished requests keep their pages until ``free_pages``
         (the prefill role frees them once the KV transfer that reads them is done).
-        cache: the prefix-cache policy (``cache.policy``; only ``none`` exists yet)."""
+        cache: the prefix-cache policy (``cache.policy``; only ``none`` exists yet).
+        prefill_only: every request samples one token (the prefill role), so no decode step
+        ever runs and the bucket set has no decode shapes to compile."""
         V.validate_engine(ecfg)
+        compile_cache.enable(ecfg.compile_cache_dir)  # before the first compilation
         self.cache_cfg = cache or CacheConfig()
         V.validate_cache(self.cache_cfg)
         self.keep_pages_on_finish = keep_pages_on_finish
@@ -101,7 +121,10 @@ class Engine:
         num_pages = pool_pages(ecfg, page_bytes)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(ecfg, self.allocator, self.max_model_len)
-        self.runner = ModelRunner(ckpt.args, ckpt.weights, ecfg, dtype, num_pages, self.max_model_len)
+        self.runner = ModelRunner(ckpt.args, ckpt.weights, ecfg, dtype, num_pages, self.max_model_len,
+                                  decode_family=not prefill_only)
+        self.prefill_only = prefill_only
+        log.info("bucket set: %s", self.runner.buckets.describe())
         self.seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         # Overlap: launch step N+1 before reading step N's tokens, so the host's work
@@ -113,7 +136,8 @@ class Engine:
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, ecfg: EngineConfig, progress: bool = True,
-                    keep_pages_on_finish: bool = False, cache: CacheConfig | None = None) -> "Engine":
+                    keep_pages_on_finish: bool = False, cache: CacheConfig | None = None,
+                    prefill_only: bool = False) -> "Engine":
         """Validate everything first, then load weights, then allocate the pool."""
         from toolkit.models.loader import load_checkpoint
 
@@ -122,7 +146,8 @@ class Engine:
         V.validate_cache(cache or CacheConfig())
         dtype = resolve_dtype(model_cfg.dtype)
         ckpt = load_checkpoint(model_cfg, progress=progress)
-        return cls(ckpt, ecfg, dtype, keep_pages_on_finish=keep_pages_on_finish, cache=cache)
+        return cls(ckpt, ecfg, dtype, keep_pages_on_finish=keep_pages_on_finish, cache=cache,
+                   prefill_only=prefill_only)
 
     # ---- requests -------------------------------------------------------------
 
@@ -203,7 +228,32 @@ class Engine:
         return EngineStats(waiting=len(s.waiting), running=len(s.running), pages_used=a.num_used,
                            pages_free=a.num_free, pages_usable=a.num_usable, num_preemptions=s.num_preemptions,
                            num_compilations=r.num_compilations, max_compilations=r.max_compilations,
-                           compile_seconds=r.compile_seconds)
+                           compile_seconds=r.compile_seconds, warmed_up=r.warmed_up,
+                           xla_compiled=(c := compile_cache.counts()).compiled, xla_loaded=c.loaded)
+
+    # ---- start-up ----------------------------------------------------------------------
+
+    def warmup(self, force: bool = False, progress: bool = True,
+               on_progress: Callable[[int, int], None] | None = None) -> Optional["WarmupReport"]:
+        """Compile every step shape of the bucket set (``engine.warmup``, or ``force``), so
+        no request waits for a compilation; after it, a new shape logs a warning (the set
+        is incomplete). Call it before the first request; ``on_progress(done, total)``
+        follows it. Returns what it did, or None when warm-up is off."""
+        if not (self.cfg.warmup or force):
+            return None
+        if self.has_unfinished():
+            raise RuntimeError("warmup() runs before the first request (the engine has work)")
+        t0, before = time.perf_counter(), compile_cache.counts()
+        ran = self.runner.warmup(progress=progress, on_progress=on_progress)
+        after = compile_cache.counts()
+        rep = WarmupReport(shapes=ran, seconds=time.perf_counter() - t0,
+                           compiled=after.compiled - before.compiled, loaded=after.loaded - before.loaded)
+        log.info("warm-up: %s", rep)
+        return rep
+
+    def bucket_set(self) -> list[str]:
+        """The step shapes this engine compiles (what warm-up runs), in words."""
+        return [str(s) for s in self.runner.buckets.shapes()]
 
     # ---- the KV pool, for transfer backends --------------------------------------
 

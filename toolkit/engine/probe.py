@@ -24,7 +24,6 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from toolkit.engine.buckets import bucket
 
 # (attribute of the engine, method): the host-side parts of a step, and their column names
 PARTS = (("scheduler", "schedule", "schedule_ms"), ("runner", "_prepare", "prepare_ms"),
@@ -98,7 +97,7 @@ class StepProbe:
 
     def padded_batch(self, num_seqs: int) -> int:
         """The batch bucket a decode step of ``num_seqs`` sequences runs at."""
-        return bucket(num_seqs, self._runner.batch_buckets)
+        return self._runner.buckets.decode_shape(num_seqs, 1, False).B
 
     def replay(self, call: DecodeCall) -> "Replay":
         """Re-issue ``call`` on the engine's live pool; nothing else of the engine runs.

@@ -6,18 +6,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from kernels.attention import get_backend
 from toolkit.cache.allocator import pages_for
 from toolkit.cache.pool import KVPool, PoolLayout
 from toolkit.config.schema import EngineConfig
-from toolkit.engine.buckets import bucket, pow2_buckets
+from toolkit.engine.buckets import BucketSet, StepShape
 from toolkit.engine.request import Sequence
 from toolkit.engine.sampler import SamplingInputs, sample
 from toolkit.engine.batch import ScheduledBatch
@@ -55,7 +58,8 @@ def _step(leaves, k_pool, v_pool, inp, samp, feed_rows, prev_tokens, *, graphdef
 
 class ModelRunner:
     def __init__(self, args: ModelArgs, weights: dict[str, np.ndarray], ecfg: EngineConfig,
-                 dtype, num_pages: int, max_model_len: int):
+                 dtype, num_pages: int, max_model_len: int, decode_family: bool = True):
+        """decode_family: False for a prefill-only engine (no decode shapes in its set)."""
         self.args = args
         self.page_size = ecfg.page_size
         unroll = unroll_layers(ecfg.layer_loop, jax.devices()[0].platform)
@@ -65,31 +69,26 @@ class ModelRunner:
         self._leaves, treedef = jax.tree.flatten(self.state)
         self.pool = KVPool(PoolLayout.for_model(args, num_pages, ecfg.page_size, dtype), alloc=ecfg.kv_alloc)
         self._pool_ptrs = self.pool.buffer_pointers()
-        max_pages = pages_for(max_model_len, ecfg.page_size)
-        self.token_buckets = pow2_buckets(ecfg.min_bucket, ecfg.chunk_size)
-        self.batch_buckets = pow2_buckets(ecfg.min_bucket, ecfg.max_batch_size)
-        self.prefill_seq_buckets = pow2_buckets(1, ecfg.max_prefill_seqs)
-        self.q_len_buckets = pow2_buckets(2, ecfg.chunk_size)
-        self.page_buckets = pow2_buckets(1, max_pages)
+        attn = get_backend(ecfg.attention_backend)
+        self.buckets = BucketSet.from_config(ecfg, pages_for(max_model_len, ecfg.page_size),
+                                             kernels=attn.name == "pallas", decode_family=decode_family)
         self._fn = jax.jit(
-            functools.partial(_step, graphdef=self.graphdef, treedef=treedef,
-                              attn=get_backend(ecfg.attention_backend)),
+            functools.partial(_step, graphdef=self.graphdef, treedef=treedef, attn=attn),
             static_argnames=("max_q_len", "do_sample"), donate_argnames=("k_pool", "v_pool"))
-        self._shapes_seen: set[tuple] = set()
+        self._shapes_seen: set[StepShape] = set()
         self.compile_seconds = 0.0
+        self.warmed_up = False  # every shape of the set compiled: a new one is a bug, logged
+        self._warming = False
         self._num_launched = 0
         # Committed to the pool's device like every step's own tokens output (a committed
         # and an uncommitted argument are two cache entries of the jitted step).
         self._no_prev = jax.device_put(
-            np.zeros(max(self.batch_buckets[-1], self.prefill_seq_buckets[-1]), np.int32), self.pool.k.sharding)
+            np.zeros(max(self.buckets.batch[-1], self.buckets.prefill_seqs[-1]), np.int32), self.pool.k.sharding)
 
-    # Predicate for the bound tests assert against: decode shapes x prefill shapes x {greedy, sample}.
     @property
     def max_compilations(self) -> int:
-        nd = len(self.batch_buckets) * len(self.page_buckets)
-        npf = (len(self.token_buckets) * len(self.prefill_seq_buckets) * len(self.q_len_buckets)
-               * len(self.page_buckets))
-        return 2 * (nd + npf)
+        """The step's executables once every shape of the bucket set has run."""
+        return len(self.buckets)
 
     @property
     def num_compilations(self) -> int:
@@ -98,18 +97,8 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch, prev: Launched | None = None) -> Launched:
         """Dispatch the step without waiting for it. A sequence whose next token is still
         on the device (sampled by ``prev``, not yet collected) is fed from ``prev``."""
-        inp, samp, max_q_len, do_sample, feed_rows = self._prepare(batch, prev)
-        key = (inp.tokens.shape[0], inp.page_table.shape, max_q_len, do_sample)
-        new_shape = key not in self._shapes_seen
-        if new_shape:
-            self._shapes_seen.add(key)
-            log.info("compiling step for T=%d page_table=%s max_q_len=%d sample=%s", *key)
-            t0 = time.perf_counter()
-        tok, lp, self.pool.k, self.pool.v = self._fn(
-            self._leaves, self.pool.k, self.pool.v, inp, samp, feed_rows,
-            self._no_prev if prev is None else prev.tokens_dev, max_q_len=max_q_len, do_sample=do_sample)
-        if new_shape:  # compile (the run itself is asynchronous), reported apart from serving time
-            self.compile_seconds += time.perf_counter() - t0
+        shape, inp, samp, feed_rows = self._prepare(batch, prev)
+        tok, lp = self._run(shape, inp, samp, feed_rows, self._no_prev if prev is None else prev.tokens_dev)
         # Transfer backends registered these addresses once; a step that moved the pool
         # would make them write into freed memory.
         assert self.pool.buffer_pointers() == self._pool_ptrs, "KV pool moved: donation failed"
@@ -119,6 +108,47 @@ class ModelRunner:
         self._num_launched += 1
         return Launched(self._num_launched, batch, samples, tok, lp, rows)
 
+    def _run(self, shape: StepShape, inp: StepInputs, samp: SamplingInputs, feed_rows, prev_tokens):
+        """Call the jitted step (the pool donated and taken back); a shape met for the
+        first time compiles, timed apart from serving time."""
+        new_shape = shape not in self._shapes_seen
+        if new_shape:
+            self._shapes_seen.add(shape)
+            if self.warmed_up:
+                log.warning("compiling a step shape after warm-up: %s (not in the bucket set: %s)",
+                            shape, self.buckets.describe())
+            elif not self._warming:
+                log.info("compiling step: %s", shape)
+            t0 = time.perf_counter()
+        tok, lp, self.pool.k, self.pool.v = self._fn(
+            self._leaves, self.pool.k, self.pool.v, inp, samp, feed_rows, prev_tokens,
+            max_q_len=shape.max_q_len, do_sample=shape.sample)
+        if new_shape:  # compile (the run itself is asynchronous)
+            self.compile_seconds += time.perf_counter() - t0
+        return tok, lp
+
+    def warmup(self, progress: bool = True, on_progress: Callable[[int, int], None] | None = None) -> int:
+        """Compile every shape of the bucket set not met yet, by running each once on
+        padding (no sequence has a query: every KV write lands in the padding page 0 and
+        nothing is read back); ``on_progress(done, total)`` after each. Returns how many
+        it ran. The engine must be idle (no step in flight)."""
+        todo = [sh for sh in self.buckets.shapes() if sh not in self._shapes_seen]
+        self._warming = True
+        try:
+            for i, shape in enumerate(tqdm(todo, desc="compiling step shapes", unit="shape", file=sys.stderr,
+                                           disable=not progress or not todo)):
+                T, B, W = shape.T, shape.B, shape.W
+                inp = StepInputs(*(np.zeros(T, np.int32) for _ in range(3)), np.zeros((B, W), np.int32),
+                                 np.zeros(B + 1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32))
+                self._run(shape, inp, self._sampling([], B), np.full(T, -1, np.int32), self._no_prev)
+                jax.block_until_ready((self.pool.k, self.pool.v))
+                if on_progress is not None:
+                    on_progress(i + 1, len(todo))
+        finally:
+            self._warming = False
+        self.warmed_up = True
+        return len(todo)
+
     def collect(self, launched: Launched) -> tuple[np.ndarray, np.ndarray]:
         """Wait for a launched step; its sampled tokens and logprobs, one per sequence."""
         n = len(launched.batch.seqs)
@@ -127,15 +157,14 @@ class ModelRunner:
 
     def _prepare(self, batch: ScheduledBatch, prev: Launched | None = None):
         S, n = self.page_size, len(batch.seqs)
-        if batch.is_decode:
-            B = T = bucket(n, self.batch_buckets)
-            max_q_len = 1
-        else:
-            T = bucket(sum(batch.num_tokens), self.token_buckets)
-            B = bucket(n, self.prefill_seq_buckets)
-            max_q_len = bucket(max(batch.num_tokens), self.q_len_buckets)
         kv_end = [s.num_computed + k for s, k in zip(batch.seqs, batch.num_tokens)]
-        maxP = bucket(max(pages_for(e, S) for e in kv_end), self.page_buckets)
+        pages = max(pages_for(e, S) for e in kv_end)
+        sample = any(s.params.temperature > 0 for s in batch.seqs)
+        if batch.is_decode:
+            shape = self.buckets.decode_shape(n, pages, sample)
+        else:
+            shape = self.buckets.prefill_shape(sum(batch.num_tokens), n, pages, sample)
+        T, B, maxP = shape.T, shape.B, shape.W
         tokens, positions, slots = (np.zeros(T, np.int32) for _ in range(3))
         page_table = np.zeros((B, maxP), np.int32)
         cu = np.zeros(B + 1, np.int32)
@@ -163,8 +192,7 @@ class ModelRunner:
         # numpy, not device arrays: the jitted call moves them in one go (separate
         # jnp.asarray calls cost ~0.2 ms each on a GPU, measured ~3 ms a step)
         inp = StepInputs(tokens, positions, slots, page_table, cu, kv_lens, logits_idx)
-        return inp, self._sampling(batch.seqs, B), max_q_len, any(
-            s.params.temperature > 0 for s in batch.seqs), feed_rows
+        return shape, inp, self._sampling(batch.seqs, B), feed_rows
 
     @staticmethod
     def _sampling(seqs: list[Sequence], B: int) -> SamplingInputs:
