@@ -81,7 +81,7 @@ class EngineLoop:
             rep = self.worker.warmup(progress)
         except Exception as e:  # the worker stays up, refusing work, and says why
             log.exception("warm-up failed")
-            self.starting = f"warm-up failed: {e}"
+            self.starting = f"failed: warm-up raised {e!r}"
             return
         self.starting = None
         log.warning("%s worker ready after %.1f s of warm-up%s", self.worker.role, time.perf_counter() - t0,

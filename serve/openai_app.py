@@ -83,7 +83,8 @@ def create_openai_app(backend: Backend, metrics: Metrics | None = None, title: s
     @app.get("/health")
     async def health():
         if (why := backend.starting()) is not None:
-            return JSONResponse({"status": "starting", "reason": why}, status_code=503)
+            status = "failed" if why.startswith("failed") else "starting"
+            return JSONResponse({"status": status, "reason": why}, status_code=503)
         return {"status": "ok", **backend.load()}
 
     @app.get("/v1/models")

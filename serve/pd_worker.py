@@ -60,7 +60,8 @@ def create_app(worker) -> FastAPI:
     @app.get("/health")
     async def health():
         if (why := loop.starting) is not None:
-            return JSONResponse({"status": "starting", "reason": why, "role": worker.role}, status_code=503)
+            status = "failed" if why.startswith("failed") else "starting"
+            return JSONResponse({"status": status, "reason": why, "role": worker.role}, status_code=503)
         return {"status": "ok", "role": worker.role}
 
     def refuse_while_starting():

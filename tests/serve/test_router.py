@@ -21,8 +21,10 @@ pytestmark = pytest.mark.timeout(600)
 def cluster():
     pre = Worker("prefill")
     # (transfer.wait_timeout_s at its default, 60 s: the decode's no-progress clock includes
-    # the queue at prefill, and with 64 streams on 2 CPU cores a room waited > 20 s there)
-    decs = [Worker("decode"), Worker("decode")]
+    # the queue at prefill, and with 64 streams on 2 CPU cores a room waited > 20 s there;
+    # the bootstrap clock also counts the wait in decode's own admission queue for a batch
+    # slot, which on a slow CI machine passed 30 s once: 120 s here)
+    decs = [Worker("decode", ["transfer.bootstrap_timeout_s=120"]) for _ in range(2)]
     router = Worker("router", [f"role.prefill_urls=[{pre.url}]",
                                f"role.decode_urls=[{decs[0].url},{decs[1].url}]",
                                "role.health_interval_s=0.3", "role.policy=least_loaded"])

@@ -88,14 +88,14 @@ def enable(cache_dir: str) -> str | None:
     directory a process enables stays: JAX reads the setting once."""
     global _enabled_dir
     install_counters()
-    if not cache_dir:
-        return None
-    path = os.path.abspath(os.path.expanduser(cache_dir))
+    path = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else None
     if _enabled_dir is not None:
         if _enabled_dir != path:
             log.warning("compile cache already at %s in this process; engine.compile_cache_dir=%s ignored",
                         _enabled_dir, path)
         return _enabled_dir
+    if path is None:
+        return None
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

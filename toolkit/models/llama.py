@@ -110,8 +110,13 @@ def forward(graphdef, state, k_pool, v_pool, inp: StepInputs, *, attn: Attention
 
     carry = (x, k_pool, v_pool, jnp.int32(0))
     if isinstance(model.layers, LayerList):
+        # One jitted layer called L times: traced and lowered once, not once per layer.
+        # Lowered inline, every layer's Mosaic GPU prefill kernel was lowered and compiled
+        # again (H200, 16 layers: 47 s per prefill shape, against 4 s for one scanned body;
+        # docs/benchmarks.md "Start-up"). XLA inlines the calls: the step is the same.
+        one_layer = jax.jit(layer)
         for i in range(model.layers.num_layers):
-            carry, _ = layer(carry, model.layers.layer(i))
+            carry, _ = one_layer(carry, model.layers.layer(i))
     else:
         carry, _ = jax.lax.scan(layer, carry, _layer_params(model))
     x, k_pool, v_pool, _ = carry
