@@ -64,10 +64,12 @@ ax.step(tokens, pages, where="post", label="pages held by the request")
 ax.plot(tokens, [t / S for t in tokens], "--", label="tokens / page_size")
 ax.set_xlabel("tokens with KV in the pool"); ax.set_ylabel("pages"); ax.legend(); fig.tight_layout()
 plt.show()"""),
-md("## Compilations are bounded: shapes are bucketed"),
+md("## Compilations are bounded: every step is padded to a shape of the bucket set"),
 code("""st = engine.stats()
-print("compilations so far:", st.num_compilations, "bound:", st.max_compilations)
-assert st.idle"""),
+shapes = engine.bucket_set()
+print(len(shapes), "shapes in the set, e.g.", shapes[:3])
+print("compiled so far:", st.num_compilations, "of", st.max_compilations)
+assert st.idle and st.num_compilations <= st.max_compilations"""),
 ]
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
 nbf.write(nb, "notebooks/quickstart.ipynb")
