@@ -94,14 +94,18 @@ def test_killing_a_decode_worker_mid_stream(cluster):
     sending new requests to the dead worker."""
     pre, decs, router = cluster
     victim = decs[1]
-    errors, done = [], threading.Event()
+    errors, done, started = [], threading.Event(), threading.Semaphore(0)
 
     def long_stream():
         try:
             with httpx.stream("POST", router.url + "/v1/completions", timeout=60, json={
-                    "model": "tiny-random", "prompt": "Hello", "max_tokens": 400, "temperature": 0,
+                    "model": "tiny-random", "prompt": "Hello", "max_tokens": 480, "temperature": 0,
                     "ignore_eos": True, "stream": True}) as r:
+                first = True
                 for line in r.iter_lines():
+                    if first and line.startswith("data: "):
+                        started.release()
+                        first = False
                     if '"error"' in line:
                         errors.append(line)
         except httpx.HTTPError as e:
@@ -111,7 +115,10 @@ def test_killing_a_decode_worker_mid_stream(cluster):
     threads = [threading.Thread(target=long_stream) for _ in range(4)]  # least-loaded spreads them
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    # kill once every stream has its first chunk (a fixed sleep raced the streams: with the
+    # step executables in the compile cache, 400 tokens finished before it ended)
+    for _ in threads:
+        assert started.acquire(timeout=60), "a stream never started"
     victim.kill()
     t0 = time.time()
     for t in threads:
