@@ -17,6 +17,14 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 
+FAILED = "failed"  # the prefix of EngineLoop.starting when warm-up raised
+
+
+def health_status(reason: str) -> str:
+    """The /health status of a loop that is not ready: ``failed`` or ``starting``."""
+    return FAILED if reason.startswith(FAILED) else "starting"
+
+
 class EngineLoop:
     """The worker's thread. It first warms the worker up (``worker.warmup(on_progress)``:
     the engine compiles its bucket set, when ``engine.warmup``), answering calls between
@@ -81,7 +89,7 @@ class EngineLoop:
             rep = self.worker.warmup(progress)
         except Exception as e:  # the worker stays up, refusing work, and says why
             log.exception("warm-up failed")
-            self.starting = f"failed: warm-up raised {e!r}"
+            self.starting = f"{FAILED}: warm-up raised {e!r}"
             return
         self.starting = None
         log.warning("%s worker ready after %.1f s of warm-up%s", self.worker.role, time.perf_counter() - t0,

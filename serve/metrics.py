@@ -43,3 +43,13 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def unlabelled_samples(text: str) -> dict[str, float]:
+    """The samples without labels of a /metrics page (what benchmarks and tests read)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.split()
+            out[name] = float(value)
+    return out

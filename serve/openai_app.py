@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from serve.loop import health_status
 from serve.metrics import Metrics
 from serve.schemas import ChatRequest, CompletionRequest
 from toolkit.engine.request import SamplingParams
@@ -83,8 +84,7 @@ def create_openai_app(backend: Backend, metrics: Metrics | None = None, title: s
     @app.get("/health")
     async def health():
         if (why := backend.starting()) is not None:
-            status = "failed" if why.startswith("failed") else "starting"
-            return JSONResponse({"status": status, "reason": why}, status_code=503)
+            return JSONResponse({"status": health_status(why), "reason": why}, status_code=503)
         return {"status": "ok", **backend.load()}
 
     @app.get("/v1/models")

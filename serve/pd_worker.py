@@ -18,7 +18,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from serve.loop import EngineLoop
+from serve.loop import EngineLoop, health_status
 from serve.metrics import Metrics
 from toolkit.disagg.protocol import RoomState
 from toolkit.engine.request import SamplingParams
@@ -60,8 +60,8 @@ def create_app(worker) -> FastAPI:
     @app.get("/health")
     async def health():
         if (why := loop.starting) is not None:
-            status = "failed" if why.startswith("failed") else "starting"
-            return JSONResponse({"status": status, "reason": why, "role": worker.role}, status_code=503)
+            return JSONResponse({"status": health_status(why), "reason": why, "role": worker.role},
+                                status_code=503)
         return {"status": "ok", "role": worker.role}
 
     def refuse_while_starting():

@@ -16,6 +16,7 @@ import time
 import httpx
 import pytest
 
+from serve.metrics import unlabelled_samples
 from tests.disagg.procs import ROOT, free_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,12 +31,7 @@ LATE_COMPILE = "compiling a step shape after warm-up"  # serve's warning for a s
 
 def metrics(url: str) -> dict[str, float]:
     """The unlabelled samples of /metrics."""
-    out = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.split()
-            out[name] = float(value)
-    return out
+    return unlabelled_samples(httpx.get(url + "/metrics", timeout=30).text)
 
 
 class Server:

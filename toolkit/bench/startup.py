@@ -60,11 +60,12 @@ def compile_rows(cfg) -> list[dict]:
     return rows
 
 
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return float("nan")
+def _metrics(url: str) -> dict[str, float]:
+    import httpx
+
+    from serve.metrics import unlabelled_samples
+
+    return unlabelled_samples(httpx.get(url + "/metrics", timeout=10).text)
 
 
 def _serve_run(b, label: str, cache_dir: str, port: int, load: bool) -> dict:
@@ -88,20 +89,19 @@ def _serve_run(b, label: str, cache_dir: str, port: int, load: bool) -> dict:
                 pass
             time.sleep(0.25)
         row = dict(run=label, ready_s=time.perf_counter() - t0)
-        m = httpx.get(url + "/metrics", timeout=10).text
-        row.update(step_shapes=int(_metric(m, "step_shapes")), xla_compiled=int(_metric(m, "xla_compilations")),
-                   xla_loaded=int(_metric(m, "xla_cache_loads")))
+        m = _metrics(url)
+        row.update(step_shapes=int(m["step_shapes"]), xla_compiled=int(m["xla_compilations"]),
+                   xla_loaded=int(m["xla_cache_loads"]))
         if load:
             import asyncio
 
             from toolkit.bench.serve import run_load, summarize
 
             lcfg = dataclasses.replace(b.load, url=url)
-            before = _metric(m, "step_compilations")
             results, wall = asyncio.run(run_load(lcfg))
             s = summarize(results, wall, lcfg)
-            after = _metric(httpx.get(url + "/metrics", timeout=10).text, "step_compilations")
-            row.update({k: s[k] for k in SERVE_COLS if k in s}, load_compilations=int(after - before))
+            after = _metrics(url)["step_compilations"]
+            row.update({k: s[k] for k in SERVE_COLS if k in s}, load_compilations=int(after - m["step_compilations"]))
         return row
     finally:
         proc.terminate()

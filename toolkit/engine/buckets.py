@@ -22,7 +22,9 @@ Two layouts (``engine.shape_buckets``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+from typing import Sequence
 
 SHAPE_BUCKETS = ("auto", "compact", "fine")  # engine.shape_buckets
 
@@ -37,7 +39,7 @@ def pow2_buckets(lo: int, hi: int) -> list[int]:
         b *= 2
 
 
-def bucket(n: int, buckets: list[int]) -> int:
+def bucket(n: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if n <= b:
             return b
@@ -96,16 +98,21 @@ class BucketSet:
     # ---- one step's shape ------------------------------------------------------------
 
     def decode_shape(self, num_seqs: int, max_pages: int, sample: bool) -> StepShape:
-        B = bucket(num_seqs, list(self.batch))
-        return StepShape(True, B, B, bucket(max_pages, list(self.widths)), sample)
+        B = bucket(num_seqs, self.batch)
+        return StepShape(True, B, B, bucket(max_pages, self.widths), sample)
 
     def prefill_shape(self, num_tokens: int, num_seqs: int, max_pages: int, sample: bool) -> StepShape:
-        return StepShape(False, bucket(num_tokens, list(self.tokens)), bucket(num_seqs, list(self.prefill_seqs)),
-                         bucket(max_pages, list(self.widths)), sample)
+        return StepShape(False, bucket(num_tokens, self.tokens), bucket(num_seqs, self.prefill_seqs),
+                         bucket(max_pages, self.widths), sample)
 
     # ---- the whole set ---------------------------------------------------------------
 
     def shapes(self) -> list[StepShape]:
+        """Every shape, decode first (a copy of the list built once)."""
+        return list(self._shapes)
+
+    @functools.cached_property
+    def _shapes(self) -> tuple[StepShape, ...]:
         """Every shape, decode first. A prefill step of B sequences has at least B tokens,
         so (T, B) with B > T never occurs (fine layout) unless B is the one count (compact)."""
         out = []
@@ -115,10 +122,10 @@ class BucketSet:
             out += [StepShape(False, t, b, w, smp)
                     for t, b, w in itertools.product(self.tokens, self.prefill_seqs, self.widths)
                     if b <= t or len(self.prefill_seqs) == 1]
-        return out
+        return tuple(out)
 
     def __len__(self) -> int:
-        return len(self.shapes())
+        return len(self._shapes)
 
     def describe(self) -> str:
         """One line for the start-up log."""

@@ -123,7 +123,6 @@ class Engine:
         self.scheduler = Scheduler(ecfg, self.allocator, self.max_model_len)
         self.runner = ModelRunner(ckpt.args, ckpt.weights, ecfg, dtype, num_pages, self.max_model_len,
                                   decode_family=not prefill_only)
-        self.prefill_only = prefill_only
         log.info("bucket set: %s", self.runner.buckets.describe())
         self.seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}

@@ -78,7 +78,6 @@ class ModelRunner:
         self._shapes_seen: set[StepShape] = set()
         self.compile_seconds = 0.0
         self.warmed_up = False  # every shape of the set compiled: a new one is a bug, logged
-        self._warming = False
         self._num_launched = 0
         # Committed to the pool's device like every step's own tokens output (a committed
         # and an uncommitted argument are two cache entries of the jitted step).
@@ -108,16 +107,18 @@ class ModelRunner:
         self._num_launched += 1
         return Launched(self._num_launched, batch, samples, tok, lp, rows)
 
-    def _run(self, shape: StepShape, inp: StepInputs, samp: SamplingInputs, feed_rows, prev_tokens):
+    def _run(self, shape: StepShape, inp: StepInputs, samp: SamplingInputs, feed_rows, prev_tokens,
+             warming: bool = False):
         """Call the jitted step (the pool donated and taken back); a shape met for the
-        first time compiles, timed apart from serving time."""
+        first time compiles, timed apart from serving time (logged unless ``warming``:
+        warm-up has its progress bar)."""
         new_shape = shape not in self._shapes_seen
         if new_shape:
             self._shapes_seen.add(shape)
             if self.warmed_up:
                 log.warning("compiling a step shape after warm-up: %s (not in the bucket set: %s)",
                             shape, self.buckets.describe())
-            elif not self._warming:
+            elif not warming:
                 log.info("compiling step: %s", shape)
             t0 = time.perf_counter()
         tok, lp, self.pool.k, self.pool.v = self._fn(
@@ -133,19 +134,15 @@ class ModelRunner:
         nothing is read back); ``on_progress(done, total)`` after each. Returns how many
         it ran. The engine must be idle (no step in flight)."""
         todo = [sh for sh in self.buckets.shapes() if sh not in self._shapes_seen]
-        self._warming = True
-        try:
-            for i, shape in enumerate(tqdm(todo, desc="compiling step shapes", unit="shape", file=sys.stderr,
-                                           disable=not progress or not todo)):
-                T, B, W = shape.T, shape.B, shape.W
-                inp = StepInputs(*(np.zeros(T, np.int32) for _ in range(3)), np.zeros((B, W), np.int32),
-                                 np.zeros(B + 1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32))
-                self._run(shape, inp, self._sampling([], B), np.full(T, -1, np.int32), self._no_prev)
-                jax.block_until_ready((self.pool.k, self.pool.v))
-                if on_progress is not None:
-                    on_progress(i + 1, len(todo))
-        finally:
-            self._warming = False
+        for i, shape in enumerate(tqdm(todo, desc="compiling step shapes", unit="shape", file=sys.stderr,
+                                       disable=not progress or not todo)):
+            T, B, W = shape.T, shape.B, shape.W
+            inp = StepInputs(*(np.zeros(T, np.int32) for _ in range(3)), np.zeros((B, W), np.int32),
+                             np.zeros(B + 1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32))
+            self._run(shape, inp, self._sampling([], B), np.full(T, -1, np.int32), self._no_prev, warming=True)
+            jax.block_until_ready((self.pool.k, self.pool.v))
+            if on_progress is not None:
+                on_progress(i + 1, len(todo))
         self.warmed_up = True
         return len(todo)
 
