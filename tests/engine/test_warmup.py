@@ -166,3 +166,17 @@ def test_prefill_only_warmup_has_no_decode_shapes(tiny_ckpt):
     outs = e.generate(ps, [SamplingParams(max_new_tokens=1, temperature=t, seed=1) for t in (0, 0.7, 0, 0.7, 0)])
     assert [len(o.token_ids) for o in outs] == [1] * 5
     assert e.stats().num_compilations == 6 and e.stats().idle
+
+
+def test_compact_and_fine_layouts_give_the_same_tokens(tiny_ckpt, make_engine):
+    """Guards against the compact layout (one page-table width, one prefill sequence count:
+    padding rows and columns the kernels must ignore) changing any output against the fine
+    layout (tables padded only to the next power of two), greedy and seeded sampling."""
+    waves = workload(seed=1)[:3]  # alone, chunked, greedy + sampled in one batch
+    compact = make_engine(tiny_ckpt, **CFG)
+    fine = make_engine(tiny_ckpt, **{**CFG, "shape_buckets": "fine"})
+    got, greedy, _ = run_workload(compact, waves)
+    ref, _, _ = run_workload(fine, waves)
+    assert fine.runner.buckets.layout == "fine" and len(fine.runner.buckets.widths) > 1
+    assert got == ref and any(greedy) and not all(greedy)
+    assert compact.stats().idle and fine.stats().idle
