@@ -30,6 +30,9 @@ class Metrics:
         self.xla_compiled = Gauge("xla_compilations", "XLA compilations in this process", registry=r)
         self.xla_loaded = Gauge("xla_cache_loads", "executables loaded from the persistent compile cache",
                                 registry=r)
+        self.step_loaded = Gauge("step_executables_loaded",
+                                 "step shapes warm-up loaded serialized (not traced, lowered or compiled)",
+                                 registry=r)
 
     def set_engine(self, stats) -> None:
         """The gauges an engine's ``EngineStats`` feeds (every role has one)."""
@@ -40,6 +43,7 @@ class Metrics:
         self.warmed_up.set(int(stats.warmed_up))
         self.xla_compiled.set(stats.xla_compiled)
         self.xla_loaded.set(stats.xla_loaded)
+        self.step_loaded.set(stats.step_loaded)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,7 +16,7 @@ read -r -a LOADS <<< "${LOAD:-}"
 case "${1:-compile}" in
 compile)
   # four shapes (decode B=64, prefill T=64; greedy and sampling) per variant, nothing cached
-  SMALL="engine=gpu engine.min_bucket=64 engine.chunk_size=64 engine.max_batch_size=64 engine.compile_cache_dir="
+  SMALL="engine=gpu engine.min_bucket=64 engine.chunk_size=64 engine.max_batch_size=64 engine.compile_threads=1 engine.compile_cache_dir="
   for v in default autotune0 scan reference; do
     case $v in
       default) env=(); args=() ;;

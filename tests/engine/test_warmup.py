@@ -90,7 +90,8 @@ def test_warmup_compiles_the_set_then_serving_compiles_nothing(tiny_ckpt, make_e
     rep = warm.warmup(force=True, progress=False)
     st = warm.stats()
     assert rep is not None and rep.shapes == NUM_SHAPES
-    assert rep.compiled + rep.loaded >= NUM_SHAPES  # every shape compiled or loaded from the cache
+    # every shape compiled, loaded from JAX's cache, or loaded from the step store
+    assert rep.compiled + rep.loaded + rep.stored >= NUM_SHAPES
     assert st.warmed_up and st.num_compilations == st.max_compilations == NUM_SHAPES
     assert st.idle and st.pages_free == st.pages_usable
     assert warm.warmup(force=True, progress=False).shapes == 0  # a second warm-up has nothing to do
@@ -180,3 +181,53 @@ def test_compact_and_fine_layouts_give_the_same_tokens(tiny_ckpt, make_engine):
     assert fine.runner.buckets.layout == "fine" and len(fine.runner.buckets.widths) > 1
     assert got == ref and any(greedy) and not all(greedy)
     assert compact.stats().idle and fine.stats().idle
+
+
+def test_restart_loads_every_step_shape_from_the_store(tiny_ckpt, make_engine, tmp_path, caplog):
+    """Guards against a restarted engine tracing, lowering or compiling a step shape it has
+    stored (a warm start would cost a second or more per shape on a GPU), against a stored
+    executable that computes something else than a fresh one (weights baked in as constants:
+    another seed's weights must give that seed's tokens), and against an unreadable stored
+    file failing the start instead of being compiled again."""
+    import dataclasses as dc
+
+    from tests.conftest import TINY_MODEL
+    from toolkit.models.loader import load_checkpoint
+
+    # a pool size no other test uses: JAX's cache (shared by the process) cannot hold these
+    # programs already, so each is compiled here and stored
+    cfg = {**CFG, "num_pages": 44, "compile_cache_dir": str(tmp_path)}
+    waves = workload(seed=2)[:3]
+    first = make_engine(tiny_ckpt, **cfg)
+    rep = first.warmup(force=True, progress=False)
+    assert rep.stored == 0 and len(list((tmp_path / "steps").glob("*.exe"))) == NUM_SHAPES
+    ref, _, _ = run_workload(first, waves)
+
+    again = make_engine(tiny_ckpt, **cfg)
+    before = compile_cache.counts()
+    rep = again.warmup(force=True, progress=False)
+    after = compile_cache.counts()
+    assert rep.stored == NUM_SHAPES and again.stats().step_loaded == NUM_SHAPES, rep
+    assert after.requests == before.requests, "a stored shape was compiled (or loaded from JAX's cache)"
+    assert after.trace_seconds == before.trace_seconds, "a stored shape was traced"
+    got, _, _ = run_workload(again, waves)
+    assert got == ref, "a stored executable gave other tokens than the compiled one"
+    assert compile_cache.counts().requests == after.requests
+
+    other = load_checkpoint(dc.replace(TINY_MODEL, seed=7), progress=False)  # same shapes, other weights
+    fresh = make_engine(other, **{**cfg, "compile_cache_dir": ""})
+    fresh.warmup(force=True, progress=False)
+    want, _, _ = run_workload(fresh, waves)
+    assert want != ref
+    stored = make_engine(other, **cfg)
+    assert stored.warmup(force=True, progress=False).stored == NUM_SHAPES
+    assert run_workload(stored, waves)[0] == want, "the stored executable ignored its weights"
+
+    victim = sorted((tmp_path / "steps").glob("*.exe"))[0]
+    victim.write_bytes(b"not an executable")
+    torn = make_engine(tiny_ckpt, **cfg)
+    with caplog.at_level("WARNING", logger="toolkit.engine.compile_cache"):
+        rep = torn.warmup(force=True, progress=False)
+    assert rep.stored == NUM_SHAPES - 1 and "cannot load the stored executable" in caplog.text
+    assert run_workload(torn, waves)[0] == ref
+    assert len(list((tmp_path / "steps").glob("*.exe"))) == NUM_SHAPES  # rewritten, no temp files left

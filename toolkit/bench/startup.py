@@ -7,12 +7,13 @@
     python -m toolkit.bench.startup bench.mode=serve "bench.server_args=[engine=gpu,model=tiny-random]" \\
         bench.load.num_requests=256 bench.load.concurrency=64
 
-``compile`` answers "where does a shape's compile time go": tracing the model to a jaxpr,
+``compile`` answers "where does a shape's compile time go" (give it
+``engine.compile_threads=1`` for rows that are one shape each): tracing the model to a jaxpr,
 lowering it to StableHLO (the Pallas kernels are lowered here: Triton and Mosaic GPU
 modules are built at this stage), and XLA's compilation (fusion, autotuning, kernel
 compilation). ``serve`` starts ``python -m serve`` as a user would, polls ``/health``
 until it answers 200, and reads ``/metrics`` (step shapes, XLA compilations and cache
-loads); each run gets the cache directory ``bench.cache_dir`` (emptied first for cold).
+loads, step shapes loaded from the engine's store); each run gets the cache directory ``bench.cache_dir`` (emptied first for cold).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from toolkit.cli import hydra_main
 
 config.register()
 COMPILE_COLS = ["shape", "seconds", "trace_s", "lower_s", "xla_s", "loaded"]
-SERVE_COLS = ["run", "ready_s", "step_shapes", "xla_compiled", "xla_loaded", "load_compilations",
+SERVE_COLS = ["run", "ready_s", "step_shapes", "step_loaded", "xla_compiled", "xla_loaded", "load_compilations",
               "requests", "failed", "req_per_s", "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_avg_ms", "itl_p99_ms"]
 
 
@@ -91,7 +92,7 @@ def _serve_run(b, label: str, cache_dir: str, port: int, load: bool) -> dict:
         row = dict(run=label, ready_s=time.perf_counter() - t0)
         m = _metrics(url)
         row.update(step_shapes=int(m["step_shapes"]), xla_compiled=int(m["xla_compilations"]),
-                   xla_loaded=int(m["xla_cache_loads"]))
+                   xla_loaded=int(m["xla_cache_loads"]), step_loaded=int(m["step_executables_loaded"]))
         if load:
             import asyncio
 

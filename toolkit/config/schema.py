@@ -78,8 +78,13 @@ class EngineConfig:
     warmup: bool = False
     # JAX's persistent compilation cache: executables written here are loaded, not
     # compiled, by the next process with the same model, config and JAX version.
-    # "" = off. Delete the directory to clear it.
+    # "" = off. Delete the directory to clear it. Its steps/ folder holds the step's
+    # executables serialized by the engine, keyed by code, config and device: a restart
+    # loads them without tracing or lowering (toolkit/engine/compile_cache.py).
     compile_cache_dir: str = "~/.cache/jax-pd-toolkit/xla"
+    # Threads compiling step shapes during warm-up (XLA compiles in parallel; tracing and
+    # lowering stay on one thread). 0 = min(8, CPU cores).
+    compile_threads: int = 0
     # auto (pallas on a GPU, reference elsewhere) | reference (jnp) | pallas (Triton-lowered
     # decode and KV write, Mosaic GPU prefill where it applies); names: kernels/attention.py
     attention_backend: str = "auto"

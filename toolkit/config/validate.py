@@ -66,6 +66,8 @@ def validate_engine(e) -> None:
     mb = e.min_bucket
     _need(isinstance(mb, int) and mb >= 1 and mb & (mb - 1) == 0,
           f"engine.min_bucket={mb} must be a power of two (shapes are padded to powers of two from it)")
+    _need(isinstance(e.compile_threads, int) and e.compile_threads >= 0,
+          f"engine.compile_threads={e.compile_threads} must be >= 0 (0 = min(8, CPU cores))")
     _need(e.chunk_size >= 1, f"engine.chunk_size={e.chunk_size} must be >= 1")
     _need(e.max_model_len >= 0, f"engine.max_model_len={e.max_model_len} must be >= 0 (0 = the model's)")
     if e.memory_fraction == 0:

@@ -73,6 +73,7 @@ class EngineStats:
     warmed_up: bool  # every shape of the bucket set compiled (Engine.warmup)
     xla_compiled: int  # this process's XLA compilations (every jitted function) ...
     xla_loaded: int  # ... and executables loaded from the persistent compile cache instead
+    step_loaded: int  # step shapes warm-up loaded serialized (no trace, lower or compile)
 
     @property
     def idle(self) -> bool:
@@ -85,11 +86,12 @@ class WarmupReport:
     shapes: int  # step shapes run
     seconds: float
     compiled: int  # XLA compilations during warm-up ...
-    loaded: int  # ... and executables loaded from the compile cache instead
+    loaded: int  # ... and executables loaded from JAX's compile cache instead
+    stored: int = 0  # step shapes loaded serialized from the engine's store (none of the above)
 
     def __str__(self) -> str:
-        return (f"{self.shapes} step shapes in {self.seconds:.1f} s "
-                f"({self.compiled} compiled, {self.loaded} loaded from the compile cache)")
+        return (f"{self.shapes} step shapes in {self.seconds:.1f} s ({self.stored} loaded from the "
+                f"step store; {self.compiled} compiled, {self.loaded} loaded from the compile cache)")
 
 
 class Engine:
@@ -228,7 +230,8 @@ class Engine:
                            pages_free=a.num_free, pages_usable=a.num_usable, num_preemptions=s.num_preemptions,
                            num_compilations=r.num_compilations, max_compilations=r.max_compilations,
                            compile_seconds=r.compile_seconds, warmed_up=r.warmed_up,
-                           xla_compiled=(c := compile_cache.counts()).compiled, xla_loaded=c.loaded)
+                           xla_compiled=(c := compile_cache.counts()).compiled, xla_loaded=c.loaded,
+                           step_loaded=r.executables_loaded)
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -242,11 +245,12 @@ class Engine:
             return None
         if self.has_unfinished():
             raise RuntimeError("warmup() runs before the first request (the engine has work)")
-        t0, before = time.perf_counter(), compile_cache.counts()
+        t0, before, stored = time.perf_counter(), compile_cache.counts(), self.runner.executables_loaded
         ran = self.runner.warmup(progress=progress, on_progress=on_progress)
         after = compile_cache.counts()
         rep = WarmupReport(shapes=ran, seconds=time.perf_counter() - t0,
-                           compiled=after.compiled - before.compiled, loaded=after.loaded - before.loaded)
+                           compiled=after.compiled - before.compiled, loaded=after.loaded - before.loaded,
+                           stored=self.runner.executables_loaded - stored)
         log.info("warm-up: %s", rep)
         return rep
 

@@ -2,7 +2,7 @@
 
 The benchmark needs two things the engine's public API does not give, and should not:
 the host time of each part of a step (schedule, input building, dispatch, reading back)
-and the last decode step's exact jitted call, to issue it again with nothing of the
+and the last decode step's executable and arguments, to issue it again with nothing of the
 engine around it (the device-only time of a step). Both live here, inside the engine
 package, so no driver reads the engine's internals.
 
@@ -32,12 +32,11 @@ PARTS = (("scheduler", "schedule", "schedule_ms"), ("runner", "_prepare", "prepa
 
 @dataclasses.dataclass
 class DecodeCall:
-    """A decode step's arguments to the jitted step: (weights, k_pool, v_pool, inputs,
-    sampling, feed_rows, prev_tokens) and its static keywords. Its pools were donated;
-    a replay uses the live ones."""
+    """A decode step's executable and its arguments: (weights, k_pool, v_pool, inputs,
+    sampling, feed_rows, prev_tokens). Its pools were donated; a replay uses the live ones."""
 
+    exe: Any
     args: tuple
-    kw: dict
 
     @property
     def num_rows(self) -> int:
@@ -45,29 +44,19 @@ class DecodeCall:
         return int(self.args[3].kv_lens.shape[0])
 
 
-class _Spy:
-    """Stands in for the runner's jitted step: records decode calls, forwards everything
-    (attributes too: ``_cache_size`` counts the executables)."""
-
-    def __init__(self, fn, sink: dict):
-        self._fn, self._sink = fn, sink
-
-    def __call__(self, *a, **kw):
-        if kw.get("max_q_len") == 1:
-            self._sink["call"] = DecodeCall(a, kw)
-        return self._fn(*a, **kw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._fn, name)
-
-
 class StepProbe:
     def __init__(self, engine):
         self._engine = engine
         self._runner = engine.runner
-        self._fn = self._runner._fn  # the jitted step itself, for replays
         self._last: dict[str, DecodeCall] = {}
-        self._runner._fn = _Spy(self._fn, self._last)
+        dispatch = self._runner._dispatch
+
+        def spy(shape, exe, *args):  # records decode calls, forwards everything
+            if shape.decode:
+                self._last["call"] = DecodeCall(exe, args)
+            return dispatch(shape, exe, *args)
+
+        self._runner._dispatch = spy
         self._spent: dict[str, float] = {}
         for owner, name, col in PARTS:
             self._time(getattr(engine, owner), name, col)
@@ -102,7 +91,7 @@ class StepProbe:
     def replay(self, call: DecodeCall) -> "Replay":
         """Re-issue ``call`` on the engine's live pool; nothing else of the engine runs.
         The engine must be idle (synced) until ``Replay.close``."""
-        return Replay(self._fn, call, self._engine.pool)
+        return Replay(call, self._engine.pool)
 
 
 class Replay:
@@ -115,8 +104,8 @@ class Replay:
                     call N's samples), then read call N's tokens
     """
 
-    def __init__(self, fn, call: DecodeCall, pool):
-        self._fn, self._kw, self._pool = fn, call.kw, pool
+    def __init__(self, call: DecodeCall, pool):
+        self._fn, self._pool = call.exe, pool
         self._state, _, _, self._inp, self._samp, self._feed, self._prev_tok = call.args
         self.k, self.v = pool.k, pool.v
         self.dispatch_s: list[float] = []  # host time until each ``step`` call returned
@@ -124,8 +113,7 @@ class Replay:
         self._prev: Optional[tuple] = None
 
     def _call(self, feed, prev_tok) -> tuple:
-        tok, lp, self.k, self.v = self._fn(self._state, self.k, self.v, self._inp, self._samp, feed, prev_tok,
-                                           **self._kw)
+        tok, lp, self.k, self.v = self._fn(self._state, self.k, self.v, self._inp, self._samp, feed, prev_tok)
         return tok, lp
 
     def step(self):

@@ -3,9 +3,11 @@ bucketed shapes and runs the jitted step with the pool donated."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import functools
 import logging
+import os
 import sys
 import time
 from typing import Callable
@@ -20,6 +22,7 @@ from kernels.attention import get_backend
 from toolkit.cache.allocator import pages_for
 from toolkit.cache.pool import KVPool, PoolLayout
 from toolkit.config.schema import EngineConfig
+from toolkit.engine import compile_cache
 from toolkit.engine.buckets import BucketSet, StepShape
 from toolkit.engine.request import Sequence
 from toolkit.engine.sampler import SamplingInputs, sample
@@ -75,7 +78,19 @@ class ModelRunner:
         self._fn = jax.jit(
             functools.partial(_step, graphdef=self.graphdef, treedef=treedef, attn=attn),
             static_argnames=("max_q_len", "do_sample"), donate_argnames=("k_pool", "v_pool"))
-        self._shapes_seen: set[StepShape] = set()
+        # The step's executables by shape, compiled ahead of time from the traced step (or
+        # loaded from the store): by warm-up, or by ``_run`` for a shape met first there.
+        # Calling a Compiled checks its arguments' shapes and dtypes: a batch that does not
+        # match its bucket fails instead of compiling again.
+        self._exe: dict[StepShape, jax.stages.Compiled] = {}
+        self._store = compile_cache.StepExecutables(
+            os.path.abspath(os.path.expanduser(ecfg.compile_cache_dir)) if ecfg.compile_cache_dir else None,
+            compile_cache.program_fingerprint(
+                model=dataclasses.asdict(args), dtype=jnp.dtype(dtype).name, engine=compile_cache.engine_fields(ecfg),
+                decode_family=decode_family, pool=[self.pool.k.shape, str(self.pool.k.dtype)],
+                weights=[(x.shape, str(x.dtype)) for x in self._leaves]))
+        self._compile_threads = ecfg.compile_threads or min(8, os.cpu_count() or 1)
+        self.executables_loaded = 0  # shapes warm-up loaded from the store (no trace, no compile)
         self.compile_seconds = 0.0
         self.warmed_up = False  # every shape of the set compiled: a new one is a bug, logged
         self._num_launched = 0
@@ -91,7 +106,8 @@ class ModelRunner:
 
     @property
     def num_compilations(self) -> int:
-        return self._fn._cache_size()
+        """Executables of the step held (compiled or loaded)."""
+        return len(self._exe)
 
     def launch(self, batch: ScheduledBatch, prev: Launched | None = None) -> Launched:
         """Dispatch the step without waiting for it. A sequence whose next token is still
@@ -107,42 +123,93 @@ class ModelRunner:
         self._num_launched += 1
         return Launched(self._num_launched, batch, samples, tok, lp, rows)
 
-    def _run(self, shape: StepShape, inp: StepInputs, samp: SamplingInputs, feed_rows, prev_tokens,
-             warming: bool = False):
-        """Call the jitted step (the pool donated and taken back); a shape met for the
-        first time compiles, timed apart from serving time (logged unless ``warming``:
-        warm-up has its progress bar)."""
-        new_shape = shape not in self._shapes_seen
-        if new_shape:
-            self._shapes_seen.add(shape)
+    def _run(self, shape: StepShape, inp: StepInputs, samp: SamplingInputs, feed_rows, prev_tokens):
+        """Run the step's executable for ``shape`` (the pool donated and taken back). A shape
+        met for the first time is loaded from the store or compiled here, timed apart from
+        serving time; after warm-up that is a bug of the bucket set, logged as a warning."""
+        args = (inp, samp, feed_rows, prev_tokens)
+        exe = self._exe.get(shape)
+        if exe is None:
             if self.warmed_up:
                 log.warning("compiling a step shape after warm-up: %s (not in the bucket set: %s)",
                             shape, self.buckets.describe())
-            elif not warming:
+            else:
                 log.info("compiling step: %s", shape)
             t0 = time.perf_counter()
-        tok, lp, self.pool.k, self.pool.v = self._fn(
-            self._leaves, self.pool.k, self.pool.v, inp, samp, feed_rows, prev_tokens,
-            max_q_len=shape.max_q_len, do_sample=shape.sample)
-        if new_shape:  # compile (the run itself is asynchronous)
+            exe = self._store.load(shape)
+            if exe is None:
+                exe, fresh = compile_cache.compile_fresh(self._lower(shape, args))
+                if fresh:
+                    self._store.save(shape, exe)
+            else:
+                self.executables_loaded += 1
+            self._exe[shape] = exe
             self.compile_seconds += time.perf_counter() - t0
+        tok, lp, self.pool.k, self.pool.v = self._dispatch(shape, exe, self._leaves, self.pool.k, self.pool.v, *args)
         return tok, lp
 
+    def _dispatch(self, shape: StepShape, exe: jax.stages.Compiled, *args):
+        """The one place an executable of the step is called (the decode benchmark's probe
+        records decode calls here)."""
+        return exe(*args)
+
+    def _lower(self, shape: StepShape, args: tuple) -> jax.stages.Lowered:
+        """Trace and lower the step for ``shape`` with these (inputs, sampling, feed_rows,
+        prev_tokens): their shapes and dtypes are the executable's."""
+        return self._fn.lower(self._leaves, self.pool.k, self.pool.v, *args,
+                              max_q_len=shape.max_q_len, do_sample=shape.sample)
+
+    def _padding(self, shape: StepShape):
+        """The step's dynamic arguments for a batch of padding: no sequence has a query, so
+        every KV write lands in the padding page 0 and nothing is read back."""
+        T, B, W = shape.T, shape.B, shape.W
+        inp = StepInputs(*(np.zeros(T, np.int32) for _ in range(3)), np.zeros((B, W), np.int32),
+                         np.zeros(B + 1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32))
+        return inp, self._sampling([], B), np.full(T, -1, np.int32), self._no_prev
+
     def warmup(self, progress: bool = True, on_progress: Callable[[int, int], None] | None = None) -> int:
-        """Compile every shape of the bucket set not met yet, by running each once on
-        padding (no sequence has a query: every KV write lands in the padding page 0 and
-        nothing is read back); ``on_progress(done, total)`` after each. Returns how many
-        it ran. The engine must be idle (no step in flight)."""
-        todo = [sh for sh in self.buckets.shapes() if sh not in self._shapes_seen]
-        for i, shape in enumerate(tqdm(todo, desc="compiling step shapes", unit="shape", file=sys.stderr,
-                                       disable=not progress or not todo)):
-            T, B, W = shape.T, shape.B, shape.W
-            inp = StepInputs(*(np.zeros(T, np.int32) for _ in range(3)), np.zeros((B, W), np.int32),
-                             np.zeros(B + 1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32))
-            self._run(shape, inp, self._sampling([], B), np.full(T, -1, np.int32), self._no_prev, warming=True)
-            jax.block_until_ready((self.pool.k, self.pool.v))
+        """Make an executable for every shape of the bucket set not met yet, then run each
+        once on padding; ``on_progress(done, total)`` after each shape is ready (always on
+        this thread). Returns how many shapes it made. The engine must be idle.
+
+        A shape is loaded from the store of serialized executables when it is there (no
+        tracing, lowering or compiling); else it is traced and lowered here (Python, one at
+        a time) and compiled on ``engine.compile_threads`` threads (XLA releases the GIL,
+        so compiles overlap each other and the next lowering), then stored."""
+        todo = [sh for sh in self.buckets.shapes() if sh not in self._exe]
+        bar = tqdm(total=len(todo), desc="compiling step shapes", unit="shape", file=sys.stderr,
+                   disable=not progress or not todo)
+        t0, done = time.perf_counter(), 0
+
+        def ready(shape: StepShape, exe, fresh: bool) -> None:
+            nonlocal done
+            self._exe[shape] = exe
+            if fresh:
+                self._store.save(shape, exe)
+            done += 1
+            bar.update()
             if on_progress is not None:
-                on_progress(i + 1, len(todo))
+                on_progress(done, len(todo))
+
+        with cf.ThreadPoolExecutor(self._compile_threads, thread_name_prefix="compile") as pool:
+            pending: dict[cf.Future, StepShape] = {}
+            for shape in todo:
+                exe = self._store.load(shape)
+                if exe is not None:
+                    self.executables_loaded += 1
+                    ready(shape, exe, fresh=False)
+                    continue
+                lowered = self._lower(shape, self._padding(shape))
+                pending[pool.submit(compile_cache.compile_fresh, lowered)] = shape
+                for fut in [f for f in pending if f.done()]:  # report progress as compiles finish
+                    ready(pending.pop(fut), *fut.result())
+            for fut in cf.as_completed(pending):
+                ready(pending[fut], *fut.result())
+        bar.close()
+        for shape in todo:  # run each once: a broken executable fails here, not on a request
+            self._run(shape, *self._padding(shape))
+            jax.block_until_ready((self.pool.k, self.pool.v))
+        self.compile_seconds += time.perf_counter() - t0
         self.warmed_up = True
         return len(todo)
 
