@@ -29,6 +29,7 @@ def no_alloc(monkeypatch):
     (dict(attention_backend="flash9"),
      "engine.attention_backend='flash9' is not allowed; allowed values: auto, reference, pallas"),
     (dict(layer_loop="while"), "engine.layer_loop='while' is not allowed; allowed values: auto, scan, unroll"),
+    (dict(compile_threads=-1), "engine.compile_threads=-1 must be >= 0"),
 ])
 def test_bad_engine_values(no_alloc, overrides, needle):
     """Guards against impossible engine settings crashing later (or silently) instead of at start."""
@@ -42,6 +43,7 @@ def test_bad_engine_values(no_alloc, overrides, needle):
     (dict(source="gguf", path="/nonexistent/model.gguf"), "model.path='/nonexistent/model.gguf': no such file"),
     (dict(source="hf", path="/nonexistent"), "no such directory"),
     (dict(dtype="int3"), "model.dtype='int3'"),
+    (dict(source="gguf", random_on_device=True), "model.random_on_device=true needs model.source=random"),
 ])
 def test_bad_model_values(no_alloc, model_kw, needle):
     """Guards against a missing model file or unknown source surfacing as a stack trace mid-load."""

@@ -73,3 +73,23 @@ def test_loader_errors(cfg, error, match):
     """Guards against unhelpful errors for common config mistakes."""
     with pytest.raises(error, match=match):
         load_checkpoint(cfg, progress=False)
+
+
+def test_device_random_weights_in_the_model_dtype():
+    """Guards against model.random_on_device making weights on the host (an 8B shape would
+    take minutes and 32 GB), in the wrong dtype, of the wrong shape, degenerate (a near-zero
+    init gives a context-blind model), or unseeded."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg = ModelConfig(name="r", source="random", dtype="bfloat16", random_on_device=True)
+    a = load_checkpoint(cfg, dtype=jnp.bfloat16, progress=False)
+    b = load_checkpoint(cfg, dtype=jnp.bfloat16, progress=False)
+    check_weights(a.args, a.weights)
+    assert all(isinstance(w, jax.Array) and w.dtype == jnp.bfloat16 for w in a.weights.values())
+    wq = np.asarray(a.weights["wq"], np.float32)
+    assert 0.9 * 64 ** -0.5 < wq.std() < 1.1 * 64 ** -0.5
+    assert all(np.array_equal(np.asarray(a.weights[k]), np.asarray(b.weights[k])) for k in a.weights)
+    with pytest.raises(ValueError, match="vocab_size >= 259"):
+        load_checkpoint(ModelConfig(name="r", source="random", random_on_device=True,
+                                    random={"vocab_size": 100}), progress=False)

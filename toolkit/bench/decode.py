@@ -45,8 +45,8 @@ from toolkit.engine.engine import Engine
 from toolkit.engine.probe import StepProbe
 from toolkit.engine.request import SamplingParams
 from toolkit.models.checkpoint import Checkpoint
-from toolkit.models.random_init import byte_tokenizer
-from toolkit.models.spec import ModelArgs, check_weights
+from toolkit.models.random_init import device_random_checkpoint
+from toolkit.models.spec import ModelArgs
 
 config.register()
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
@@ -60,27 +60,6 @@ TRACE_COLS = ("trace_busy_ms", "trace_idle_ms", "replay_trace_busy_ms", "replay_
 COLS = ["backend", "mode", "batch", "tok_s", "step_ms", "device_ms", *TRACE_COLS, "dispatch_ms", "synced_call_ms",
         "pipelined_call_ms", "host_ms", "roofline_ms", "vs_roofline", "device_vs_roofline", "schedule_ms",
         "prepare_ms", "launch_ms", "collect_ms", "new_compiles_while_timed", "compilations", "compile_s"]
-
-
-def device_random_checkpoint(args: ModelArgs, dtype, seed: int = 0) -> Checkpoint:
-    """Random weights made directly on the device in ``dtype`` (an 8B model in seconds),
-    scaled like a trained model (std 1/sqrt(fan_in))."""
-    key = iter(jax.random.split(jax.random.key(seed), 16))
-    L, D, F, V = args.num_layers, args.hidden_size, args.intermediate_size, args.vocab_size
-    qd, kd = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-
-    def normal(*shape, std=None):
-        std = shape[-2] ** -0.5 if std is None else std
-        return (jax.random.normal(next(key), shape, dtype) * jnp.asarray(std, dtype)).astype(dtype)
-
-    ones = lambda *shape: jnp.ones(shape, dtype)  # noqa: E731
-    w = {"embed": normal(V, D, std=1.0), "final_norm": ones(D), "attn_norm": ones(L, D),
-         "wq": normal(L, D, qd), "wk": normal(L, D, kd), "wv": normal(L, D, kd), "wo": normal(L, qd, D),
-         "mlp_norm": ones(L, D), "w_gate": normal(L, D, F), "w_up": normal(L, D, F), "w_down": normal(L, F, D)}
-    if not args.tie_word_embeddings:
-        w["lm_head"] = normal(D, V)
-    check_weights(args, w)
-    return Checkpoint(args=args, weights=w, tokenizer=byte_tokenizer())
 
 
 def step_bytes(args: ModelArgs, weights: dict, B: int, ctx: float, itemsize: int) -> float:

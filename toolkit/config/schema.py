@@ -38,6 +38,10 @@ class ModelConfig:
     seed: int = 0  # random: the weights' seed
     # random: ModelArgs fields overriding the tiny default shape (toolkit/models/random_init.py)
     random: dict[str, Any] = field(default_factory=dict)
+    # random: make the weights on the accelerator in the model's dtype (an 8B shape in
+    # seconds, where the host path takes minutes and 4 bytes a parameter of host memory);
+    # other numbers than the host path's for the same seed, so not for oracle comparisons
+    random_on_device: bool = False
 
 
 @dataclasses.dataclass

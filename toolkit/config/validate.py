@@ -43,6 +43,8 @@ def _one_of(path: str, value, allowed) -> None:
 def validate_model(m) -> None:
     _one_of("model.source", m.source, MODEL_SOURCES)
     _one_of("model.dtype", m.dtype, DTYPES)
+    _need(not m.random_on_device or m.source == "random",
+          f"model.random_on_device=true needs model.source=random (got model.source={m.source})")
     if m.source == "gguf" and not m.path:
         _need(bool(m.gguf_package and m.gguf_file),
               "model.source=gguf needs model.path (a .gguf file) or model.gguf_package and model.gguf_file")

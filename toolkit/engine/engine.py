@@ -146,7 +146,10 @@ class Engine:
         V.validate_engine(ecfg)
         V.validate_cache(cache or CacheConfig())
         dtype = resolve_dtype(model_cfg.dtype)
-        ckpt = load_checkpoint(model_cfg, progress=progress)
+        # device-made random weights come in the model's dtype; the rest in float32 on the
+        # host, cast once they are placed
+        ckpt = load_checkpoint(model_cfg, dtype=dtype if model_cfg.random_on_device else np.float32,
+                               progress=progress)
         return cls(ckpt, ecfg, dtype, keep_pages_on_finish=keep_pages_on_finish, cache=cache,
                    prefill_only=prefill_only)
 

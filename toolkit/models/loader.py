@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from toolkit.config.schema import ModelConfig
 from toolkit.models.checkpoint import Checkpoint, find_package_file
-from toolkit.models.random_init import TINY_ARGS, random_checkpoint
+from toolkit.models.random_init import TINY_ARGS, device_random_checkpoint, random_checkpoint
 from toolkit.models.spec import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ def load_checkpoint(cfg: ModelConfig, dtype=np.float32, progress: bool = True) -
     elif cfg.source == "orbax":
         from toolkit.models.orbax_io import load_orbax
         ckpt = load_orbax(_path(cfg, "directory written by `python -m toolkit.convert`"), dtype=dtype)
+    elif cfg.source == "random" and cfg.random_on_device:
+        ckpt = device_random_checkpoint(_random_args(cfg), dtype, seed=cfg.seed)
     elif cfg.source == "random":
         ckpt = random_checkpoint(_random_args(cfg), seed=cfg.seed)
         ckpt.weights = {k: v.astype(dtype, copy=False) for k, v in ckpt.weights.items()}

@@ -38,10 +38,14 @@ def byte_tokenizer() -> Tokenizer:
                      eos_token_ids=[ids[2], ids[0]], add_bos_token=False)
 
 
-def random_checkpoint(args: ModelArgs, seed: int = 0) -> Checkpoint:
+def _check_vocab(args: ModelArgs) -> None:
     n_tokens = 256 + len(SPECIAL_TOKENS)
     if args.vocab_size < n_tokens:
         raise ValueError(f"random model needs vocab_size >= {n_tokens} (byte tokenizer), got {args.vocab_size}")
+
+
+def random_checkpoint(args: ModelArgs, seed: int = 0) -> Checkpoint:
+    _check_vocab(args)
     rng = np.random.default_rng(seed)
     L, D, F, V = args.num_layers, args.hidden_size, args.intermediate_size, args.vocab_size
     qd, kd = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
@@ -61,3 +65,30 @@ def random_checkpoint(args: ModelArgs, seed: int = 0) -> Checkpoint:
         weights["lm_head"] = normal(D, V)
     check_weights(args, weights)
     return Checkpoint(args=args, weights=weights, tokenizer=byte_tokenizer())
+
+
+def device_random_checkpoint(args: ModelArgs, dtype, seed: int = 0) -> Checkpoint:
+    """Random weights made directly on the device in ``dtype`` (an 8B model in seconds where
+    the host path takes minutes), scaled like a trained model (std 1/sqrt(fan_in)), norms
+    exactly 1. Other numbers than ``random_checkpoint`` with the same seed: for benchmarks
+    (``model.random_on_device=true``), not for comparisons with the HF oracle."""
+    import jax
+    import jax.numpy as jnp
+
+    _check_vocab(args)
+    key = iter(jax.random.split(jax.random.key(seed), 16))
+    L, D, F, V = args.num_layers, args.hidden_size, args.intermediate_size, args.vocab_size
+    qd, kd = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+
+    def normal(*shape, std=None):
+        std = shape[-2] ** -0.5 if std is None else std
+        return (jax.random.normal(next(key), shape, dtype) * jnp.asarray(std, dtype)).astype(dtype)
+
+    ones = lambda *shape: jnp.ones(shape, dtype)  # noqa: E731
+    w = {"embed": normal(V, D, std=1.0), "final_norm": ones(D), "attn_norm": ones(L, D),
+         "wq": normal(L, D, qd), "wk": normal(L, D, kd), "wv": normal(L, D, kd), "wo": normal(L, qd, D),
+         "mlp_norm": ones(L, D), "w_gate": normal(L, D, F), "w_up": normal(L, D, F), "w_down": normal(L, F, D)}
+    if not args.tie_word_embeddings:
+        w["lm_head"] = normal(D, V)
+    check_weights(args, w)
+    return Checkpoint(args=args, weights=w, tokenizer=byte_tokenizer())
