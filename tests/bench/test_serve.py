@@ -28,5 +28,21 @@ def test_load_generator_multirun_over_workloads(tmp_path):
         (row,) = doc["rows"]
         assert row["workload"] == workload and row["requests"] == 8 and row["failed"] == 0, doc
         assert row["output_tok_per_s"] > 0 and doc["card"]["model"] == "tiny-random"
+        assert row["tpot_avg_ms"] > 0
     (last,) = core.parse_table(out)
     assert last["workload"] == "multiturn"
+
+
+def test_tpot_counts_tokens_not_chunks():
+    """Guards against per-token latency measured between streamed chunks: a chunk can carry
+    several tokens (none is sent for a token that decodes to no text yet, e.g. part of a
+    UTF-8 character, frequent with a byte-level random model), so chunk gaps overstate it."""
+    from toolkit.bench.config import ServeBench
+    from toolkit.bench.serve import Result, summarize
+
+    # 11 tokens in 4 chunks: first at 0.1 s, then 3 chunks over 1.0 s
+    r = Result(ok=True, ttft=0.1, itls=[0.2, 0.3, 0.5], e2e=1.1, out_tokens=11)
+    assert r.tpot == pytest.approx(0.1)
+    assert Result(ok=True, ttft=0.1, e2e=0.1, out_tokens=1).tpot is None
+    s = summarize([r], wall=1.1, cfg=ServeBench())
+    assert s["tpot_avg_ms"] == pytest.approx(100.0) and s["itl_avg_ms"] == pytest.approx(1000 / 3)

@@ -7,8 +7,13 @@
 Workloads are pluggable (``WORKLOADS``): ``random`` (independent random prompts) and
 ``multiturn`` (conversations that share a system prompt and grow turn by turn: the
 shared-prefix traffic a prefix cache is for). Each request streams; we record time to
-first token, the gaps between tokens and end-to-end latency, then print a table
-(request throughput, output tokens/s, TTFT p50/p99, ITL avg/p99, E2E p50) and write JSON.
+first token, the gaps between streamed chunks and end-to-end latency, then print a table
+(request throughput, output tokens/s, TTFT p50/p99, TPOT, ITL avg/p99, E2E p50) and write JSON.
+
+ITL is the gap between chunks a client sees; a chunk can carry several tokens (servers
+send none for a token that decodes to no text yet, such as part of a UTF-8 character), so
+TPOT -- (E2E - TTFT) / (output tokens - 1), from the final ``usage`` -- is the per-token
+time to set beside an engine's decode step.
 Needs only the endpoint: no model config, nothing loaded here.
 """
 
@@ -32,7 +37,7 @@ from toolkit.config.validate import ConfigError
 
 config.register()
 COLS = ["workload", "concurrency", "requests", "failed", "req_per_s", "output_tok_per_s", "ttft_p50_ms",
-        "ttft_p99_ms", "itl_avg_ms", "itl_p99_ms", "e2e_p50_ms"]
+        "ttft_p99_ms", "tpot_avg_ms", "itl_avg_ms", "itl_p99_ms", "e2e_p50_ms"]
 
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case "
@@ -47,6 +52,11 @@ class Result:
     e2e: float = 0.0
     out_tokens: int = 0
     error: str = ""
+
+    @property
+    def tpot(self) -> float | None:
+        """Seconds per output token after the first (None with fewer than two)."""
+        return (self.e2e - self.ttft) / (self.out_tokens - 1) if self.out_tokens > 1 else None
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -131,10 +141,12 @@ def summarize(results: list[Result], wall: float, cfg: config.ServeBench) -> dic
     ok = [r for r in results if r.ok]
     pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
     itls = [x for r in ok for x in r.itls]
+    tpots = [r.tpot for r in ok if r.tpot is not None]
     return {"workload": cfg.workload, "concurrency": cfg.concurrency, "requests": len(results),
             "failed": len(results) - len(ok), "wall_s": wall, "req_per_s": len(ok) / wall,
             "output_tok_per_s": sum(r.out_tokens for r in ok) / wall,
             "ttft_p50_ms": pct([r.ttft for r in ok], 50), "ttft_p99_ms": pct([r.ttft for r in ok], 99),
+            "tpot_avg_ms": float(np.mean(tpots)) * 1e3 if tpots else float("nan"),
             "itl_avg_ms": float(np.mean(itls)) * 1e3 if itls else float("nan"), "itl_p99_ms": pct(itls, 99),
             "e2e_p50_ms": pct([r.e2e for r in ok], 50),
             "errors": sorted({r.error for r in results if not r.ok})[:5]}

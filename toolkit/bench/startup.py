@@ -32,7 +32,7 @@ from toolkit.cli import hydra_main
 config.register()
 COMPILE_COLS = ["shape", "seconds", "trace_s", "lower_s", "xla_s", "loaded"]
 SERVE_COLS = ["run", "ready_s", "step_shapes", "step_loaded", "xla_compiled", "xla_loaded", "load_compilations",
-              "requests", "failed", "req_per_s", "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_avg_ms", "itl_p99_ms"]
+              "requests", "failed", "req_per_s", "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_avg_ms", "itl_avg_ms", "itl_p99_ms"]
 
 
 def compile_rows(cfg) -> list[dict]:
