@@ -31,11 +31,13 @@ def test_serve_mode_warm_start_loads_everything(tmp_path):
     run_bench("startup", "bench.mode=serve", f"bench.server_args=[{args}]", f"bench.port={free_port()}",
               f"bench.cache_dir={tmp_path}/xla",
               "bench.load.num_requests=4", "bench.load.concurrency=2", "bench.load.output_len=4",
-              "bench.load.input_len=4", f"bench.json_out={tmp_path}/s.json")
-    cold, warm = json.loads((tmp_path / "s.json").read_text())["rows"]
+              "bench.load.input_len=4", "bench.load_concurrency=[1,2]", f"bench.json_out={tmp_path}/s.json")
+    cold, warm, *loads = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert cold["step_shapes"] == warm["step_shapes"] == 6
     assert cold["xla_compiled"] >= 6 and cold["xla_loaded"] == 0 and cold["step_loaded"] == 0
     # warm: the step's shapes from the engine's store, the rest (small jits) from JAX's cache
     assert warm["xla_compiled"] == 0 and warm["step_loaded"] == 6
     assert warm["xla_loaded"] == cold["xla_compiled"] - 6
-    assert warm["load_compilations"] == 0 and warm["requests"] == 4 and warm["failed"] == 0
+    assert [r["concurrency"] for r in loads] == [1, 2]
+    for r in loads:
+        assert r["load_compilations"] == 0 and r["requests"] == 4 and r["failed"] == 0, r

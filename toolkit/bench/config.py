@@ -121,6 +121,8 @@ class StartupBench:
     # serve: the load against the last warm server (num_requests=0: none)
     load: ServeBench = field(default_factory=lambda: ServeBench(num_requests=0, input_len=64, output_len=128,
                                                                 concurrency=64))
+    # serve: run the load once per concurrency here, one row each ([] = load.concurrency only)
+    load_concurrency: list[int] = field(default_factory=list)
     json_out: str = ""
 
 

@@ -32,7 +32,7 @@ from toolkit.cli import hydra_main
 config.register()
 COMPILE_COLS = ["shape", "seconds", "trace_s", "lower_s", "xla_s", "loaded"]
 SERVE_COLS = ["run", "ready_s", "step_shapes", "step_loaded", "xla_compiled", "xla_loaded", "load_compilations",
-              "requests", "failed", "req_per_s", "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_avg_ms", "itl_avg_ms", "itl_p99_ms"]
+              "concurrency", "requests", "failed", "req_per_s", "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_avg_ms", "itl_avg_ms", "itl_p99_ms"]
 
 
 def compile_rows(cfg) -> list[dict]:
@@ -69,7 +69,9 @@ def _metrics(url: str) -> dict[str, float]:
     return unlabelled_samples(httpx.get(url + "/metrics", timeout=10).text)
 
 
-def _serve_run(b, label: str, cache_dir: str, port: int, load: bool) -> dict:
+def _serve_run(b, label: str, cache_dir: str, port: int, load: bool) -> list[dict]:
+    """Start the server, time it to ready, read /metrics; with ``load``, run the load once
+    per concurrency against it. One row for the start, one per load."""
     import httpx
 
     cmd = [sys.executable, "-m", "serve", *b.server_args, f"server.port={port}",
@@ -93,17 +95,20 @@ def _serve_run(b, label: str, cache_dir: str, port: int, load: bool) -> dict:
         m = _metrics(url)
         row.update(step_shapes=int(m["step_shapes"]), xla_compiled=int(m["xla_compilations"]),
                    xla_loaded=int(m["xla_cache_loads"]), step_loaded=int(m["step_executables_loaded"]))
-        if load:
+        rows = [row]
+        for conc in (b.load_concurrency or [b.load.concurrency]) if load else []:
             import asyncio
 
             from toolkit.bench.serve import run_load, summarize
 
-            lcfg = dataclasses.replace(b.load, url=url)
+            lcfg = dataclasses.replace(b.load, url=url, concurrency=conc)
+            before = _metrics(url)["step_compilations"]
             results, wall = asyncio.run(run_load(lcfg))
             s = summarize(results, wall, lcfg)
             after = _metrics(url)["step_compilations"]
-            row.update({k: s[k] for k in SERVE_COLS if k in s}, load_compilations=int(after - m["step_compilations"]))
-        return row
+            rows.append({"run": f"{label} + load x{conc}", **{k: s[k] for k in SERVE_COLS if k in s},
+                         "load_compilations": int(after - before)})
+        return rows
     finally:
         proc.terminate()
         try:
@@ -116,9 +121,9 @@ def serve_rows(b) -> list[dict]:
     cache_dir = b.cache_dir or tempfile.mkdtemp(prefix="jax-pd-startup-")
     shutil.rmtree(cache_dir, ignore_errors=True)  # cold: nothing cached
     os.makedirs(cache_dir)
-    rows = [_serve_run(b, "cold", cache_dir, b.port, load=False)]
+    rows = _serve_run(b, "cold", cache_dir, b.port, load=False)
     for i in range(b.warm_runs):
-        rows.append(_serve_run(b, "warm", cache_dir, b.port, load=b.load.num_requests > 0 and i == b.warm_runs - 1))
+        rows += _serve_run(b, "warm", cache_dir, b.port, load=b.load.num_requests > 0 and i == b.warm_runs - 1)
     return rows
 
 
