@@ -76,6 +76,11 @@ def _pallas() -> AttentionBackend:
     Head dims that are not powers of two fall back to the reference inside each function."""
     from kernels import attention_pallas
 
+    if _on_gpu():
+        # Now, not at the first lowering: an executable loaded from the engine's step store
+        # (never lowered in this process) calls Mosaic GPU's runtime, which its custom call
+        # finds through the environment variable this import sets.
+        from kernels import attention_mgpu  # noqa: F401
     return AttentionBackend(name="pallas", decode=attention_pallas.paged_decode_attention,
                             prefill=paged_prefill_attention, write_kv=attention_pallas.write_kv)
 

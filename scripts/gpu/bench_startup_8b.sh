@@ -17,7 +17,9 @@ case "${1:-unified}" in
 unified)
   # 64-word prompts (~420 byte-level tokens with the chat template), 256 tokens out, two waves
   # of requests per concurrency: most of the run is decode at the full batch
-  serve unified "'role=unified'" bench.load.num_requests=256 bench.load.output_len=256 \
+  # (logprobs: the random model's tokens are mostly ids with no text; with them every token
+  # is streamed, so TTFT and TPOT are measured per token)
+  serve unified "'role=unified'" bench.load.num_requests=256 bench.load.output_len=256 bench.load.logprobs=true \
     "bench.load_concurrency=[64,128]"
   # the engine alone at the same batch sizes and a context near the load's mean (~550)
   "$PY" -m toolkit.bench.decode "bench.backends=[auto]" "bench.modes=[overlap]" "bench.batch_sizes=[64,128]" \

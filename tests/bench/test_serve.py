@@ -19,7 +19,8 @@ def test_load_generator_multirun_over_workloads(tmp_path):
     try:
         out = run_bench("serve", "-m", "bench.workload=random,multiturn", f"bench.url={server.url}",
                         "bench.num_requests=8", "bench.concurrency=2", "bench.input_len=6", "bench.output_len=5",
-                        "bench.turns=2", "bench.shared_prefix_len=10", f"bench.json_out={tmp_path}/load.json",
+                        "bench.turns=2", "bench.shared_prefix_len=10", "bench.logprobs=true",
+                        f"bench.json_out={tmp_path}/load.json",
                         f"hydra.sweep.dir={tmp_path}/sweep")
     finally:
         server.stop()
@@ -28,7 +29,8 @@ def test_load_generator_multirun_over_workloads(tmp_path):
         (row,) = doc["rows"]
         assert row["workload"] == workload and row["requests"] == 8 and row["failed"] == 0, doc
         assert row["output_tok_per_s"] > 0 and doc["card"]["model"] == "tiny-random"
-        assert row["tpot_avg_ms"] > 0
+        # logprobs: a chunk per token, even those with no text (the byte model's partial UTF-8)
+        assert row["tpot_avg_ms"] > 0 and row["ttft_p50_ms"] > 0 and row["itl_avg_ms"] > 0
     (last,) = core.parse_table(out)
     assert last["workload"] == "multiturn"
 

@@ -19,9 +19,9 @@ def test_compile_mode_one_row_per_shape(tmp_path):
                     f"bench.json_out={tmp_path}/c.json")
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     shapes, total = rows[:-1], rows[-1]
-    assert len(shapes) == 6 and total["shape"] == "all 6"  # decode {8}, prefill {8, 16}; greedy and sampling
+    assert len(shapes) == 4 and total["shape"] == "all 4"  # decode {8} greedy and sampling, prefill {8, 16}
     assert all(r["seconds"] > 0 and r["xla_s"] > 0 and r["loaded"] == 0 for r in shapes)
-    assert len(core.parse_table(out)) == 7
+    assert len(core.parse_table(out)) == 5
 
 
 def test_serve_mode_warm_start_loads_everything(tmp_path):
@@ -33,11 +33,11 @@ def test_serve_mode_warm_start_loads_everything(tmp_path):
               "bench.load.num_requests=4", "bench.load.concurrency=2", "bench.load.output_len=4",
               "bench.load.input_len=4", "bench.load_concurrency=[1,2]", f"bench.json_out={tmp_path}/s.json")
     cold, warm, *loads = json.loads((tmp_path / "s.json").read_text())["rows"]
-    assert cold["step_shapes"] == warm["step_shapes"] == 6
-    assert cold["xla_compiled"] >= 6 and cold["xla_loaded"] == 0 and cold["step_loaded"] == 0
+    assert cold["step_shapes"] == warm["step_shapes"] == 4
+    assert cold["xla_compiled"] >= 4 and cold["xla_loaded"] == 0 and cold["step_loaded"] == 0
     # warm: the step's shapes from the engine's store, the rest (small jits) from JAX's cache
-    assert warm["xla_compiled"] == 0 and warm["step_loaded"] == 6
-    assert warm["xla_loaded"] == cold["xla_compiled"] - 6
+    assert warm["xla_compiled"] == 0 and warm["step_loaded"] == 4
+    assert warm["xla_loaded"] == cold["xla_compiled"] - 4
     assert [r["concurrency"] for r in loads] == [1, 2]
     for r in loads:
         assert r["load_compilations"] == 0 and r["requests"] == 4 and r["failed"] == 0, r

@@ -43,17 +43,17 @@ def shape_of(bs: BucketSet, ecfg: EngineConfig, seqs_kv: list[tuple[int, int]], 
     pages = max(pages_for(start + k, ecfg.page_size) for start, k in seqs_kv)
     if is_decode:
         return bs.decode_shape(len(seqs_kv), pages, sample)
-    return bs.prefill_shape(sum(k for _, k in seqs_kv), len(seqs_kv), pages, sample)
+    return bs.prefill_shape(sum(k for _, k in seqs_kv), len(seqs_kv), pages)
 
 
 def expected_len(bs: BucketSet) -> int:
-    """The documented count: decode (batch buckets x widths) + prefill (token buckets x
-    sequence counts x widths, leaving out B > T when there are several counts), times 2
-    (greedy and sampling)."""
+    """The documented count: decode (batch buckets x widths, greedy and sampling) + prefill
+    (token buckets x sequence counts x widths, leaving out B > T when there are several
+    counts; the sampling variant only)."""
     dec = len(bs.batch) * len(bs.widths) if bs.decode_family else 0
     pairs = [(t, b) for t, b in itertools.product(bs.tokens, bs.prefill_seqs)
              if b <= t or len(bs.prefill_seqs) == 1]
-    return 2 * (dec + len(pairs) * len(bs.widths))
+    return 2 * dec + len(pairs) * len(bs.widths)
 
 
 # Configs the property tests sweep: the test config, chunk and batch sizes that are not powers
@@ -103,14 +103,14 @@ def test_from_config_compact():
     bs = bucket_set(ecfg)
     assert (bs.layout, bs.batch, bs.tokens, bs.prefill_seqs, bs.widths) == ("compact", (8,), (8, 16), (2,), (16,))
     assert bs.decode_family
-    assert len(bs) == 6 == expected_len(bs)
+    assert len(bs) == 4 == expected_len(bs)
     assert [str(s) for s in bs.shapes()] == [
-        "decode T=8 B=8 W=16 greedy", "prefill T=8 B=2 W=16 greedy", "prefill T=16 B=2 W=16 greedy",
-        "decode T=8 B=8 W=16 sample", "prefill T=8 B=2 W=16 sample", "prefill T=16 B=2 W=16 sample"]
-    assert bs.describe().startswith("6 step shapes (compact): ")
+        "decode T=8 B=8 W=16 greedy", "decode T=8 B=8 W=16 sample",
+        "prefill T=8 B=2 W=16 sample", "prefill T=16 B=2 W=16 sample"]
+    assert bs.describe().startswith("4 step shapes (compact): ")
     bigger = bucket_set(cfg(min_bucket=4, max_batch_size=16, chunk_size=32, max_prefill_seqs=4))
     assert (bigger.batch, bigger.tokens, bigger.prefill_seqs, bigger.widths) == ((4, 8, 16), (4, 8, 16, 32), (4,), (16,))
-    assert len(bigger) == 2 * (3 + 4) == expected_len(bigger)
+    assert len(bigger) == 2 * 3 + 4 == expected_len(bigger)
 
 
 def test_from_config_fine():
@@ -121,7 +121,7 @@ def test_from_config_fine():
     assert (bs.layout, bs.batch, bs.tokens, bs.prefill_seqs, bs.widths) == (
         "fine", (2, 4, 8), (2, 4, 8, 16), (1, 2, 4, 8), (1, 2, 4, 8, 16))
     # prefill (T, B) pairs with B <= T: T=2: 2, T=4: 3, T=8: 4, T=16: 4 -> 13
-    assert len(bs) == 2 * (3 * 5 + 13 * 5) == 160 == expected_len(bs)
+    assert len(bs) == 2 * 3 * 5 + 13 * 5 == 95 == expected_len(bs)
     assert all(s.B <= s.T for s in bs.shapes() if not s.decode)
     # widths cover max_model_len's pages when it is not a power of two
     assert bucket_set(cfg(shape_buckets="fine", max_model_len=50)).widths == (1, 2, 4, 8, 16)
@@ -145,7 +145,9 @@ def test_len_is_documented_product_and_shapes_unique(case):
         bs = bucket_set(cfg(shape_buckets=layout, **c), decode_family=decode_family)
         shapes = bs.shapes()
         assert len(bs) == len(shapes) == len(set(shapes)) == expected_len(bs)
-        assert sum(s.sample for s in shapes) == len(shapes) // 2  # greedy and sampling twins
+        # decode: greedy and sampling twins; prefill: sampling only
+        dec = [s for s in shapes if s.decode]
+        assert sum(s.sample for s in dec) == len(dec) // 2 and all(s.sample for s in shapes if not s.decode)
         for s in shapes:
             assert s.max_q_len == (1 if s.decode else max(2, s.T))
             if s.decode:

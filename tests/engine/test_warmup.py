@@ -12,12 +12,12 @@ import pytest
 from toolkit.engine import compile_cache
 from toolkit.engine.request import SamplingParams
 
-# Compact layout, tiny sizes: 10 step shapes (decode B in {4, 8}; prefill T in {4, 8, 16}
-# with B=2; W=16; greedy and sampling). 40 pages (39 usable, 16 for a full context) hold a
+# Compact layout, tiny sizes: 7 step shapes (decode B in {4, 8}, greedy and sampling; prefill
+# T in {4, 8, 16} with B=2; W=16). 40 pages (39 usable, 16 for a full context) hold a
 # full batch of short requests but make a decode batch of long ones preempt.
 CFG = dict(shape_buckets="compact", max_model_len=64, max_batch_size=8, chunk_size=16, max_prefill_seqs=2,
            min_bucket=4, page_size=4, num_pages=40)
-NUM_SHAPES = 2 * (2 + 3)
+NUM_SHAPES = 2 * 2 + 3
 
 
 def workload(seed: int = 0) -> list[tuple[list[tuple[list[int], SamplingParams]], bool]]:
@@ -160,13 +160,13 @@ def test_prefill_only_warmup_has_no_decode_shapes(tiny_ckpt):
 
     e = Engine(tiny_ckpt, engine_cfg(**CFG), prefill_only=True)
     shapes = e.bucket_set()
-    assert len(shapes) == 2 * 3 and not any(s.startswith("decode") for s in shapes)
+    assert len(shapes) == 3 and not any(s.startswith("decode") for s in shapes)
     rep = e.warmup(force=True, progress=False)
-    assert rep.shapes == 6 and e.stats().num_compilations == 6 == e.stats().max_compilations
+    assert rep.shapes == 3 and e.stats().num_compilations == 3 == e.stats().max_compilations
     ps = [[int(t) for t in np.random.default_rng(i).integers(3, 384, n)] for i, n in enumerate((1, 7, 16, 40, 63))]
     outs = e.generate(ps, [SamplingParams(max_new_tokens=1, temperature=t, seed=1) for t in (0, 0.7, 0, 0.7, 0)])
     assert [len(o.token_ids) for o in outs] == [1] * 5
-    assert e.stats().num_compilations == 6 and e.stats().idle
+    assert e.stats().num_compilations == 3 and e.stats().idle
 
 
 def test_compact_and_fine_layouts_give_the_same_tokens(tiny_ckpt, make_engine):

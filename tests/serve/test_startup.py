@@ -21,8 +21,8 @@ from tests.disagg.procs import ROOT, free_port
 
 pytestmark = pytest.mark.timeout(300)
 
-# Tiny compact set: decode B=8; prefill T in {8, 16} with B=2; W=32; greedy and sampling: 6 shapes.
-STEP_SHAPES = 6
+# Tiny compact set: decode B=8 greedy and sampling; prefill T in {8, 16} with B=2; W=32: 4 shapes.
+STEP_SHAPES = 4
 ENGINE = ["model=tiny-random", "engine.page_size=4", "engine.num_pages=64", "engine.max_batch_size=8",
           "engine.chunk_size=16", "engine.max_prefill_seqs=2", "engine.max_model_len=128", "engine.min_bucket=8",
           "engine.attention_backend=reference", "engine.shape_buckets=compact", "engine.warmup=true"]
@@ -208,7 +208,7 @@ def test_health_is_503_starting_until_warmed_up(cold):
     being accepted while it warms up."""
     answers = cold["answers"]
     not_ok = [(code, body) for code, body, _ in answers if code != 200]
-    # an empty cache: compiling 6 shapes takes seconds, so the 503 phase is always seen
+    # an empty cache: compiling 4 shapes takes seconds, so the 503 phase is always seen
     assert not_ok, "never saw /health 503 during a cold warm-up"
     for code, body in not_ok:
         assert code == 503 and body["status"] == "starting" and body["reason"].startswith("starting"), body
@@ -226,7 +226,7 @@ def test_health_is_503_starting_until_warmed_up(cold):
         assert code in (503, 200), body
         if code == 503:
             assert retry and body["error"]["message"].startswith("starting"), body
-    assert "unified worker ready after" in cold["log"] and "6 compiled, 0 loaded" in cold["log"]
+    assert "unified worker ready after" in cold["log"] and "4 compiled, 0 loaded" in cold["log"]
 
 
 def test_serving_after_warmup_compiles_nothing(cold):
@@ -255,7 +255,7 @@ def test_restart_loads_the_step_from_the_compile_cache(cold, servers, cache_dir)
         assert code == 503 and body["status"] == "starting" and body["reason"], body
     ready = rec["ready"]
     assert ready["warmed_up"] == 1 and ready["step_compilations"] == ready["step_shapes"] == STEP_SHAPES, ready
-    # everything this process ran was loaded: the step's 6 shapes from the step store (not
+    # everything this process ran was loaded: the step's 4 shapes from the step store (not
     # traced), the 2 small jits the KV pool's allocation compiles (convert_element_type,
     # broadcast_in_dim) from JAX's cache
     assert ready["xla_compilations"] == 0, ready
@@ -274,7 +274,7 @@ def test_restart_loads_the_step_from_the_compile_cache(cold, servers, cache_dir)
     assert after["step_compilations"] == STEP_SHAPES and after["xla_compilations"] == 0, after
     s.stop()
     log = s.log()
-    assert "6 loaded from the step store; 0 compiled" in log and LATE_COMPILE not in log
+    assert "4 loaded from the step store; 0 compiled" in log and LATE_COMPILE not in log
 
 
 def decode_probe(url: str) -> tuple[int, dict, str | None]:

@@ -99,6 +99,10 @@ class ServeBench:
     concurrency: int = 8
     input_len: int = 128  # random: prompt words; multiturn: words per user turn
     output_len: int = 64
+    # ask for logprobs: the server then streams a chunk for every token, also one whose text
+    # is empty (a random model's byte-level tokens are often partial UTF-8), so TTFT and ITL
+    # are per token (at the cost of building the logprob objects)
+    logprobs: bool = False
     turns: int = 4  # multiturn: user turns per conversation (shared, growing prefixes)
     shared_prefix_len: int = 256  # multiturn: words of a system prompt shared by all conversations
     seed: int = 0

@@ -88,6 +88,8 @@ WORKLOADS: dict[str, Callable] = {"random": random_workload, "multiturn": multit
 async def _one(client: httpx.AsyncClient, cfg, model: str, messages: list[dict]) -> Result:
     body = {"model": model, "messages": messages, "max_tokens": cfg.output_len, "temperature": 0,
             "stream": True, "ignore_eos": True}
+    if cfg.logprobs:
+        body["logprobs"] = True
     t0 = time.perf_counter()
     last, res = None, Result(ok=False)
     try:
@@ -101,7 +103,8 @@ async def _one(client: httpx.AsyncClient, cfg, model: str, messages: list[dict])
                 ev = json.loads(line[6:])
                 if "error" in ev:
                     return Result(False, error=ev["error"]["message"])
-                if ev["choices"][0]["delta"].get("content") is not None:
+                ch = ev["choices"][0]
+                if ch["delta"].get("content") is not None or ch.get("logprobs"):
                     now = time.perf_counter()
                     if last is None:
                         res.ttft = now - t0

@@ -5,7 +5,11 @@ never again while serving.
 
 A step's executable is keyed by (family, T tokens, B sequences, W page-table width,
 sampling on or off); ``max_q_len`` (the prefill kernels' static query bound) is T itself
-(at least 2: 1 selects the decode kernels).
+(at least 2: 1 selects the decode kernels). Decode has a greedy and a sampling variant (a
+greedy batch skips sorting B x vocab logits every step). Prefill has the sampling variant
+only: greedy rows take the argmax inside it, and one sort per prefill step is noise beside
+the prefill itself, while a second variant per token bucket would add a third of the
+shapes a GPU worker compiles at start-up.
 
 Two layouts (``engine.shape_buckets``):
 
@@ -67,8 +71,8 @@ class StepShape:
 
 @dataclasses.dataclass(frozen=True)
 class BucketSet:
-    """The step shapes a worker can run: decode (batch buckets x widths) and prefill (token
-    buckets x sequence counts x widths), each with and without sampling."""
+    """The step shapes a worker can run: decode (batch buckets x widths, with and without
+    sampling) and prefill (token buckets x sequence counts x widths)."""
 
     layout: str  # compact | fine (auto resolved)
     batch: tuple[int, ...]  # decode batch sizes
@@ -101,9 +105,10 @@ class BucketSet:
         B = bucket(num_seqs, self.batch)
         return StepShape(True, B, B, bucket(max_pages, self.widths), sample)
 
-    def prefill_shape(self, num_tokens: int, num_seqs: int, max_pages: int, sample: bool) -> StepShape:
+    def prefill_shape(self, num_tokens: int, num_seqs: int, max_pages: int) -> StepShape:
+        """Always the sampling variant (greedy rows take the argmax in it; module docstring)."""
         return StepShape(False, bucket(num_tokens, self.tokens), bucket(num_seqs, self.prefill_seqs),
-                         bucket(max_pages, self.widths), sample)
+                         bucket(max_pages, self.widths), True)
 
     # ---- the whole set ---------------------------------------------------------------
 
@@ -116,12 +121,12 @@ class BucketSet:
         """Every shape, decode first. A prefill step of B sequences has at least B tokens,
         so (T, B) with B > T never occurs (fine layout) unless B is the one count (compact)."""
         out = []
-        for smp in (False, True):
-            if self.decode_family:
-                out += [StepShape(True, b, b, w, smp) for b, w in itertools.product(self.batch, self.widths)]
-            out += [StepShape(False, t, b, w, smp)
-                    for t, b, w in itertools.product(self.tokens, self.prefill_seqs, self.widths)
-                    if b <= t or len(self.prefill_seqs) == 1]
+        if self.decode_family:
+            out += [StepShape(True, b, b, w, smp)
+                    for smp in (False, True) for b, w in itertools.product(self.batch, self.widths)]
+        out += [StepShape(False, t, b, w, True)
+                for t, b, w in itertools.product(self.tokens, self.prefill_seqs, self.widths)
+                if b <= t or len(self.prefill_seqs) == 1]
         return tuple(out)
 
     def __len__(self) -> int:
@@ -131,9 +136,9 @@ class BucketSet:
         """One line for the start-up log."""
         fam = []
         if self.decode_family:
-            fam.append(f"decode B in {_span(self.batch)} x W in {_span(self.widths)}")
+            fam.append(f"decode B in {_span(self.batch)} x W in {_span(self.widths)}, greedy and sampling")
         fam.append(f"prefill T in {_span(self.tokens)} x B in {_span(self.prefill_seqs)} x W in {_span(self.widths)}")
-        return f"{len(self)} step shapes ({self.layout}): " + "; ".join(fam) + "; greedy and sampling"
+        return f"{len(self)} step shapes ({self.layout}): " + "; ".join(fam)
 
 
 def _span(xs: tuple[int, ...]) -> str:

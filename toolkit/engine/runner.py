@@ -173,9 +173,10 @@ class ModelRunner:
         this thread). Returns how many shapes it made. The engine must be idle.
 
         A shape is loaded from the store of serialized executables when it is there (no
-        tracing, lowering or compiling); else it is traced and lowered here (Python, one at
-        a time) and compiled on ``engine.compile_threads`` threads (XLA releases the GIL,
-        so compiles overlap each other and the next lowering), then stored."""
+        tracing, lowering or compiling; loads run on the threads below, side by side); else
+        it is traced and lowered here (Python, one at a time) and compiled on
+        ``engine.compile_threads`` threads (XLA releases the GIL, so compiles overlap each
+        other and the next lowering), then stored."""
         todo = [sh for sh in self.buckets.shapes() if sh not in self._exe]
         bar = tqdm(total=len(todo), desc="compiling step shapes", unit="shape", file=sys.stderr,
                    disable=not progress or not todo)
@@ -192,9 +193,11 @@ class ModelRunner:
                 on_progress(done, len(todo))
 
         with cf.ThreadPoolExecutor(self._compile_threads, thread_name_prefix="compile") as pool:
+            # loads from the store first, all at once (each is mostly loading kernels onto the device)
+            loads = {sh: pool.submit(self._store.load, sh) for sh in todo} if self._store.dir else {}
             pending: dict[cf.Future, StepShape] = {}
             for shape in todo:
-                exe = self._store.load(shape)
+                exe = loads[shape].result() if shape in loads else None
                 if exe is not None:
                     self.executables_loaded += 1
                     ready(shape, exe, fresh=False)
@@ -227,7 +230,7 @@ class ModelRunner:
         if batch.is_decode:
             shape = self.buckets.decode_shape(n, pages, sample)
         else:
-            shape = self.buckets.prefill_shape(sum(batch.num_tokens), n, pages, sample)
+            shape = self.buckets.prefill_shape(sum(batch.num_tokens), n, pages)
         T, B, maxP = shape.T, shape.B, shape.W
         tokens, positions, slots = (np.zeros(T, np.int32) for _ in range(3))
         page_table = np.zeros((B, maxP), np.int32)
