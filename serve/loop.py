@@ -37,6 +37,8 @@ class EngineLoop:
         self._calls: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._idle_sleep = idle_sleep_s
+        # events emitted on the loop thread, per asyncio loop, until the next _flush
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         self.thread = threading.Thread(target=self._run, name=f"{worker.role}-loop", daemon=True)
 
     def start(self) -> None:
@@ -58,9 +60,24 @@ class EngineLoop:
         errors are logged)."""
         self._calls.put((fn, None, None))
 
-    @staticmethod
-    def emit(aloop: asyncio.AbstractEventLoop, q: asyncio.Queue, item: Any) -> None:
-        aloop.call_soon_threadsafe(q.put_nowait, item)
+    def emit(self, aloop: asyncio.AbstractEventLoop, q: asyncio.Queue, item: Any) -> None:
+        """Put ``item`` on ``q``, an asyncio queue of ``aloop``. From the loop thread the
+        item waits in an outbox until the tick (or call) that made it is over, and then every
+        pending item of that asyncio loop crosses in one hop (``_flush``): one wake-up of the
+        event loop per step rather than one per token (at 128 streams, 128 self-pipe writes
+        and callbacks a step, contending with the engine's own host work for the GIL)."""
+        if threading.current_thread() is self.thread:
+            self._outbox.setdefault(aloop, []).append((q, item))
+        else:
+            aloop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _flush(self) -> None:
+        box, self._outbox = self._outbox, {}
+        for aloop, items in box.items():
+            try:
+                aloop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                log.debug("dropped %d events for a closed event loop", len(items))
 
     def _drain(self) -> None:
         while True:
@@ -68,15 +85,16 @@ class EngineLoop:
                 fn, aloop, fut = self._calls.get_nowait()
             except queue.Empty:
                 return
+            res, err = None, None
             try:
                 res = fn()
-                if fut is not None:
-                    aloop.call_soon_threadsafe(_resolve, fut, res, None)
             except Exception as e:  # the caller gets the error; the loop goes on
+                err = e
                 if fut is None:
                     log.exception("call on the loop thread failed")
-                else:
-                    aloop.call_soon_threadsafe(_resolve, fut, None, e)
+            self._flush()  # what the call emitted reaches its queues before its caller hears back
+            if fut is not None:
+                aloop.call_soon_threadsafe(_resolve, fut, res, err)
 
     def _warmup(self) -> None:
         def progress(done: int, total: int) -> None:
@@ -104,8 +122,14 @@ class EngineLoop:
                 self.worker.forget_done()
             except Exception:
                 log.exception("worker tick failed")
+            self._flush()
             if self.worker.idle():
                 time.sleep(self._idle_sleep)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def _resolve(fut: asyncio.Future, res, err) -> None:

@@ -60,7 +60,7 @@ class UnifiedBackend:
         aloop, q = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(ev):
-            EngineLoop.emit(aloop, q, ev)
+            self.loop.emit(aloop, q, ev)
 
         def on_token(seq, tok, delta):
             emit({"token": tok, "text": delta, "logprob": seq.output_logprobs[-1]})
