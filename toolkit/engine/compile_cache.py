@@ -1,12 +1,16 @@
-"""JAX's persistent compilation cache (``engine.compile_cache_dir``) and the process-wide
-count of what XLA compiled versus loaded from that cache.
+"""What ``engine.compile_cache_dir`` holds, and the process-wide count of what XLA
+compiled versus loaded.
 
-A restarted worker with the same model, config and JAX version finds its step
-executables in the cache directory and loads them (seconds) instead of compiling them
-(tens of seconds each on a GPU). The directory holds one file per executable, safe to
-delete at any time (``rm -r ~/.cache/jax-pd-toolkit/xla`` clears it); with it, XLA's
-per-fusion autotuning results are cached as well. JAX trusts what it loads from there:
-keep it writable by this user only.
+- ``steps/``: the engine's step executables, serialized by ``StepExecutables`` and keyed
+  by everything that decides them (below), so a restarted worker loads each step shape
+  without tracing, lowering or compiling it.
+- everything else: JAX's persistent compilation cache, for the other jitted functions
+  (and XLA's per-fusion autotuning results).
+
+A restarted worker with the same code, model shape, config and JAX version loads its
+executables (seconds) instead of compiling them (seconds each on a GPU, in parallel). The
+directory is safe to delete at any time (``rm -r ~/.cache/jax-pd-toolkit/xla`` clears it).
+What is loaded from it is run: keep it writable by this user only.
 """
 
 from __future__ import annotations
