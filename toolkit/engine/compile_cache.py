@@ -128,11 +128,10 @@ def enable(cache_dir: str) -> str | None:
 # lowers every step shape before it can look one up: ~0.5-1.7 s a shape on a GPU (the
 # Pallas kernels are lowered in Python), most of a warm start. The store below keys each
 # executable by what decides the program instead: the source of the packages that trace
-# it, the JAX build, the device, XLA's flags, the model's shape and dtype, the engine
-# config and the step shape. A hit skips tracing, lowering and compiling altogether.
+# it, the JAX build, the device, XLA's flags, the model's shape and dtype, the attention
+# backend, the shapes of the step's arguments and the step shape. A hit skips tracing, lowering and compiling altogether.
 
 _PACKAGES = ("toolkit", "kernels")  # every Python file that can change the traced step
-_IGNORED_FIELDS = ("warmup", "compile_cache_dir", "compile_threads")  # do not change the program
 
 
 @functools.cache
@@ -149,7 +148,7 @@ def code_fingerprint() -> str:
 
 def program_fingerprint(**parts: Any) -> str:
     """sha256 of everything besides the step shape that decides a step's executable:
-    ``parts`` (the caller's: model args, dtype, engine config, argument shapes), the code,
+    ``parts`` (the caller's: model args, dtype, backend, argument shapes), the code,
     the JAX build, the device and XLA's flags."""
     import jaxlib
 
@@ -159,12 +158,6 @@ def program_fingerprint(**parts: Any) -> str:
                xla_flags=os.environ.get("XLA_FLAGS", ""), x64=jax.config.jax_enable_x64)
     blob = json.dumps({**parts, **env}, sort_keys=True, default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def engine_fields(ecfg: Any) -> dict:
-    """The engine config's fields that can change a step's program."""
-    fields = dataclasses.asdict(ecfg) if dataclasses.is_dataclass(ecfg) else dict(ecfg)
-    return {k: v for k, v in fields.items() if k not in _IGNORED_FIELDS}
 
 
 def compile_fresh(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:

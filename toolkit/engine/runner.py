@@ -83,12 +83,6 @@ class ModelRunner:
         # Calling a Compiled checks its arguments' shapes and dtypes: a batch that does not
         # match its bucket fails instead of compiling again.
         self._exe: dict[StepShape, jax.stages.Compiled] = {}
-        self._store = compile_cache.StepExecutables(
-            os.path.abspath(os.path.expanduser(ecfg.compile_cache_dir)) if ecfg.compile_cache_dir else None,
-            compile_cache.program_fingerprint(
-                model=dataclasses.asdict(args), dtype=jnp.dtype(dtype).name, engine=compile_cache.engine_fields(ecfg),
-                decode_family=decode_family, pool=[self.pool.k.shape, str(self.pool.k.dtype)],
-                weights=[(x.shape, str(x.dtype)) for x in self._leaves]))
         self._compile_threads = ecfg.compile_threads or min(8, os.cpu_count() or 1)
         self.executables_loaded = 0  # shapes warm-up loaded from the store (no trace, no compile)
         self.compile_seconds = 0.0
@@ -98,6 +92,16 @@ class ModelRunner:
         # and an uncommitted argument are two cache entries of the jitted step).
         self._no_prev = jax.device_put(
             np.zeros(max(self.buckets.batch[-1], self.buckets.prefill_seqs[-1]), np.int32), self.pool.k.sharding)
+        # What the traced step depends on besides the step shape (and the code, JAX and the
+        # device, which program_fingerprint adds): the model and its dtype, the attention
+        # backend and layer loop, and the avals of every argument the shape leaves open.
+        # Not the rest of the engine config: two configs with the same programs share them.
+        self._store = compile_cache.StepExecutables(
+            os.path.abspath(os.path.expanduser(ecfg.compile_cache_dir)) if ecfg.compile_cache_dir else None,
+            compile_cache.program_fingerprint(
+                model=dataclasses.asdict(args), dtype=jnp.dtype(dtype).name, attention=attn.name, unroll=unroll,
+                pool=[self.pool.k.shape, str(self.pool.k.dtype)], prev_tokens=self._no_prev.shape,
+                weights=[(x.shape, str(x.dtype)) for x in self._leaves]))
 
     @property
     def max_compilations(self) -> int:
