@@ -46,8 +46,10 @@ def make_engine():
 
     made = []
 
-    def make(ckpt, **kw):
-        e = Engine(ckpt, engine_cfg(**kw))
+    def make(ckpt, cache: str = "none", **kw):
+        from toolkit.config.schema import CacheConfig
+
+        e = Engine(ckpt, engine_cfg(**kw), cache=CacheConfig(policy=cache))
         made.append(e)
         return e
 
@@ -56,6 +58,10 @@ def make_engine():
         st = e.stats()
         assert st.pages_used == 0, f"{st.pages_used} pages still in use after the test"
         assert not st.running and not st.waiting
+        e.check_pages()
+        assert st.pages_evictable == st.pages_cached, "a cache lock left after the test"
+        e.flush_cache()
+        assert e.stats().pages_free == st.pages_usable, "pages missing after flushing the prefix cache"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,7 +17,8 @@ import zlib
 
 import pytest
 
-from toolkit.cache.allocator import PageAllocator, pages_for
+from toolkit.cache.allocator import pages_for
+from toolkit.cache.manager import CacheManager
 from toolkit.config.schema import EngineConfig
 from toolkit.engine.buckets import BucketSet, StepShape, bucket, pow2_buckets
 from toolkit.engine.request import SamplingParams, Sequence, Status
@@ -206,7 +207,7 @@ def _drive_scheduler(ecfg: EngineConfig, rng: random.Random, bs: BucketSet, num_
     """Run the real scheduler without a model (as the engine does, without overlap): random
     prompts and lengths arriving over time, a pool small enough to preempt. Checks every
     batch's shape is in the set; returns (steps, preemptions)."""
-    alloc = PageAllocator(ecfg.num_pages)
+    alloc = CacheManager(ecfg.num_pages, ecfg.page_size)
     L = ecfg.max_model_len
     sch = Scheduler(ecfg, alloc, L)
     shapes = set(bs.shapes())

@@ -5,16 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from toolkit.cache.allocator import PageAllocator
+from toolkit.cache.manager import CacheManager
 from toolkit.config.schema import EngineConfig
 from toolkit.engine.request import SamplingParams, Sequence, Status
 from toolkit.engine.scheduler import Scheduler
 
 
-def make(num_pages=64, **kw) -> tuple[Scheduler, PageAllocator]:
+def make(num_pages=64, **kw) -> tuple[Scheduler, CacheManager]:
     cfg = EngineConfig(**{**dict(page_size=4, num_pages=num_pages, chunk_size=16, max_prefill_seqs=4,
                                  max_batch_size=8, interleave_decode=False), **kw})
-    alloc = PageAllocator(cfg.num_pages)
+    alloc = CacheManager(cfg.num_pages, cfg.page_size)
     return Scheduler(cfg, alloc, max_model_len=256), alloc
 
 
@@ -80,13 +80,13 @@ def test_pages_freed_during_a_step_wait_for_it():
     a = seq(8)
     sch.add(a)
     run(sch.schedule())
-    sch.inflight_step = 3
+    alloc.inflight_step = 3
     sch.release(a)
     assert alloc.num_used == 2, "pages went back while step 3 may still write them"
     sch.step_done(2)
     assert alloc.num_used == 2
     sch.step_done(3)
-    assert alloc.all_free() and sch.inflight_step is None
+    assert alloc.all_free() and alloc.inflight_step is None
 
 
 def test_a_full_batch_admits_nothing_more():

@@ -1,8 +1,11 @@
 """Names of the prefix-cache policies (``cache.policy``), readable without importing the pool.
 
 ``none``: no prefix cache; every request computes its whole prompt and its pages go back
-to the allocator when it finishes (the engine today). Policies that keep pages for reuse
-(a radix tree) add their names here beside their implementation.
+to the allocator when it finishes. ``radix``: a page-granular radix tree of committed KV
+(toolkit/cache/radix.py) owned by the CacheManager (toolkit/cache/manager.py); a request
+computes only what follows its longest cached prefix. The unified role only, for now.
 """
 
-CACHE_POLICIES = ("none",)
+CACHE_POLICIES = ("none", "radix")
+# the roles each policy runs on (validation refuses the others before anything is built)
+POLICY_ROLES = {"none": ("unified", "prefill", "decode", "router"), "radix": ("unified", "router")}

@@ -178,7 +178,8 @@ class RadixCache(PrefixCache):
         return node, at
 
     @staticmethod
-    def _path_pages(node: Node) -> list[int]:
+    def path_pages(node: Node) -> list[int]:
+        """The pages from the root down to ``node`` (what a match ending there returned)."""
         parts = []
         while node.parent is not None:
             parts.append(node.pages)
@@ -189,7 +190,7 @@ class RadixCache(PrefixCache):
 
     def match(self, tokens: Sequence[int]) -> Match:
         node, _ = self._walk(tokens)
-        return Match(node, self._path_pages(node))
+        return Match(node, self.path_pages(node))
 
     def lock(self, node: Node) -> None:
         while node is not None:
@@ -210,7 +211,7 @@ class RadixCache(PrefixCache):
         S = self.page_size
         n = min(len(tokens) // S, len(pages))
         node, at = self._walk(tokens[:n * S])
-        have = self._path_pages(node)  # the tree's pages for the first `at` pages
+        have = self.path_pages(node)  # the tree's pages for the first `at` pages
         dups = [p for p, q in zip(pages[:at], have) if p != q]
         if at < n:  # a new leaf for the rest
             prev = self._prev_hash(node)

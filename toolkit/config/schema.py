@@ -123,7 +123,7 @@ class RoleConfig:
 
 @dataclasses.dataclass
 class CacheConfig:
-    policy: str = "none"  # prefix-cache policy; names: toolkit/cache/policies.py (only none yet)
+    policy: str = "none"  # prefix-cache policy: none | radix (toolkit/cache/policies.py)
 
 
 @dataclasses.dataclass

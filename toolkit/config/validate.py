@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from kernels.attention import CHOICES as ATTENTION_CHOICES
-from toolkit.cache.policies import CACHE_POLICIES
+from toolkit.cache.policies import CACHE_POLICIES, POLICY_ROLES
 from toolkit.cache.pool import KV_ALLOC
 from toolkit.disagg.choices import PD_ROLES, PD_TRANSFER_BACKENDS, TRANSFER_BACKENDS
 from toolkit.engine.buckets import SHAPE_BUCKETS
@@ -89,6 +89,10 @@ def validate(cfg) -> None:
     validate_engine(cfg.engine)
     _one_of("role.name", cfg.role.name, ROLES)
     validate_cache(cfg.cache)
+    _need(cfg.role.name in POLICY_ROLES[cfg.cache.policy] and not getattr(cfg, "disagg", False),
+          f"cache.policy={cfg.cache.policy} runs on role={' or '.join(POLICY_ROLES[cfg.cache.policy])} "
+          f"(not yet on role={cfg.role.name}{' with disagg=true' if getattr(cfg, 'disagg', False) else ''}); "
+          "use cache=none there")
     _one_of("transfer.backend", cfg.transfer.backend, TRANSFER_BACKENDS)
     validate_pd(cfg.role, cfg.transfer, getattr(cfg, "disagg", False))
 

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from toolkit.cache.allocator import PageAllocator, pages_for
+from toolkit.cache.allocator import pages_for
+from toolkit.cache.manager import CacheManager
+from toolkit.cache.radix import hash_seed
 from toolkit.cache.pool import KVPool, PoolLayout
 from toolkit.config import validate as V
 from toolkit.config.schema import CacheConfig, EngineConfig, ModelConfig
@@ -66,6 +68,8 @@ class EngineStats:
     pages_used: int  # KV pages held by requests (or reserved for a P/D transfer)
     pages_free: int
     pages_usable: int  # the pool's pages but the padding page
+    pages_cached: int  # in the prefix cache (neither used nor free) ...
+    pages_evictable: int  # ... of which no request holds these
     num_preemptions: int
     num_compilations: int  # executables of the jitted step so far
     max_compilations: int  # the shapes of the bucket set: what a warmed-up engine holds
@@ -121,8 +125,13 @@ class Engine:
         # K and V of one page across all layers: what each page of the pool costs
         page_bytes = PoolLayout.for_model(self.args, 1, ecfg.page_size, dtype).total_bytes
         num_pages = pool_pages(ecfg, page_bytes)
-        self.allocator = PageAllocator(num_pages)
-        self.scheduler = Scheduler(ecfg, self.allocator, self.max_model_len)
+        if self.cache_cfg.policy != "none" and keep_pages_on_finish:
+            raise ValueError(f"cache.policy={self.cache_cfg.policy} is not supported on the prefill role yet "
+                             "(role=prefill needs cache=none)")
+        # the one owner of pages: allocator, prefix cache, deferred releases
+        self.kv = CacheManager(num_pages, ecfg.page_size, self.cache_cfg.policy,
+                               seed=hash_seed(dataclasses.asdict(self.args), jnp.dtype(dtype).name, ecfg.page_size))
+        self.scheduler = Scheduler(ecfg, self.kv, self.max_model_len)
         self.runner = ModelRunner(ckpt.args, ckpt.weights, ecfg, dtype, num_pages, self.max_model_len,
                                   decode_family=not prefill_only)
         log.info("bucket set: %s", self.runner.buckets.describe())
@@ -182,8 +191,8 @@ class Engine:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})")
         need = pages_for(min(len(ids) + params.max_new_tokens, self.max_model_len), self.cfg.page_size)
-        if need > self.allocator.num_usable:
-            raise ValueError(f"request needs up to {need} pages; the pool has {self.allocator.num_usable}")
+        if need > self.kv.num_usable:
+            raise ValueError(f"request needs up to {need} pages; the pool has {self.kv.num_usable}")
 
     def abort(self, request_id: str) -> Sequence | None:
         """Stop a request; its pages are freed unless keep_pages_on_finish (then: free_pages).
@@ -191,7 +200,7 @@ class Engine:
         seq = self.seqs.get(request_id)
         if seq is None or seq.is_finished:
             return None
-        self._retire(seq)
+        self._retire(seq, keep=False)
         self._finish(seq, "abort")
         return seq
 
@@ -203,10 +212,20 @@ class Engine:
     # Pages for a request whose KV another worker writes (P/D decode side). Predicate and
     # mutator: reserve only what ``can_reserve`` allows.
     def can_reserve(self, num_pages: int) -> bool:
-        return self.allocator.can_allocate(num_pages)
+        return self.kv.can_allocate(num_pages)
 
     def reserve_pages(self, num_pages: int) -> list[int]:
-        return self.allocator.allocate(num_pages)
+        return self.kv.allocate(num_pages)
+
+    def flush_cache(self) -> int:
+        """Evict every cached page no request holds back to the allocator (tests check the
+        pool is whole; a driver may call it to drop the cache). Returns how many."""
+        return self.kv.flush()
+
+    def check_pages(self) -> None:
+        """Raise AssertionError unless every usable page is in exactly one place: free, in
+        the prefix cache, a request's, or waiting for the step in flight."""
+        self.kv.check([s.pages for s in self.seqs.values()])
 
     def add_prefilled(self, seq: Sequence, pages: list[int], token: int, logprob: float) -> None:
         """Admit a request whose prompt KV is already in ``pages`` (reserved here, written by
@@ -218,19 +237,21 @@ class Engine:
         self.scheduler.add_running(seq)
         self._append(seq, token, logprob)
 
-    def _retire(self, seq: Sequence) -> None:
+    def _retire(self, seq: Sequence, keep: bool = True) -> None:
+        """keep: its KV may enter the prefix cache (not for an aborted request)."""
         if self.keep_pages_on_finish:
             self.scheduler.detach(seq)
         else:
-            self.scheduler.release(seq)
+            self.scheduler.release(seq, keep=keep)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
 
     def stats(self) -> EngineStats:
-        a, s, r = self.allocator, self.scheduler, self.runner
+        a, s, r = self.kv, self.scheduler, self.runner
         return EngineStats(waiting=len(s.waiting), running=len(s.running), pages_used=a.num_used,
-                           pages_free=a.num_free, pages_usable=a.num_usable, num_preemptions=s.num_preemptions,
+                           pages_free=a.num_free, pages_usable=a.num_usable, pages_cached=a.num_cached,
+                           pages_evictable=a.num_evictable, num_preemptions=s.num_preemptions,
                            num_compilations=r.num_compilations, max_compilations=r.max_compilations,
                            compile_seconds=r.compile_seconds, warmed_up=r.warmed_up,
                            xla_compiled=(c := compile_cache.counts()).compiled, xla_loaded=c.loaded,
@@ -288,10 +309,11 @@ class Engine:
         launched = None
         if batch is not None:
             launched = self.runner.launch(batch, self._inflight)
-            self.scheduler.inflight_step = launched.step_id
+            self.kv.inflight_step = launched.step_id
             for seq, n, smp in zip(batch.seqs, batch.num_tokens, launched.samples):
                 seq.num_computed += n
                 seq.num_inflight += smp
+            self.scheduler.commit_prompts(batch)
         if self.overlap:
             done, self._inflight = self._inflight, launched
         else:

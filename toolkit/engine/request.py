@@ -7,7 +7,7 @@ import enum
 import itertools
 import random
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 _ids = itertools.count()
 
@@ -96,6 +96,8 @@ class Sequence:
     num_preemptions: int = 0
     num_inflight: int = 0
     room: Optional[int] = None  # P/D room id on the disaggregated roles (None when unified)
+    cache_node: Optional[Any] = None  # the prefix-cache node this request holds locked (CacheManager)
+    num_cached: int = 0  # prompt tokens found in the prefix cache at its first admission
 
     def __post_init__(self):
         # The one place a seed is resolved: a request without one draws it once, so a

@@ -10,26 +10,30 @@ runs: a sequence whose sampled token is still on the device decodes it next
 (the runner feeds it from the device), unless that token surely ends it (length
 limits); and pages freed while a step is in flight go back to the allocator only
 once that step's results have been read (its KV writes have landed), so no page
-is handed out while a write into it may still be pending.
+is handed out while a write into it may still be pending (the CacheManager defers them).
+
+With a prefix cache, admission starts a request at its longest cached whole-page prefix
+(never its last token: that token's logits give the next one), a request whose prompt is
+computed commits its pages to the cache, and a released one (finished or preempted)
+commits what it computed, so a recomputed request finds its own KV again.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from toolkit.cache.allocator import PageAllocator, pages_for
+from toolkit.cache.allocator import pages_for
+from toolkit.cache.manager import CacheManager
 from toolkit.config.schema import EngineConfig
 from toolkit.engine.request import Sequence, Status
 from toolkit.engine.batch import ScheduledBatch
 
 
 class Scheduler:
-    def __init__(self, ecfg: EngineConfig, allocator: PageAllocator, max_model_len: int):
+    def __init__(self, ecfg: EngineConfig, cache: CacheManager, max_model_len: int):
         self.cfg = ecfg
-        self.allocator = allocator
+        self.cache = cache  # the one owner of pages
         self.max_model_len = max_model_len
-        self.inflight_step: int | None = None  # newest launched step whose results are unread
-        self._deferred: list[tuple[int, list[int]]] = []  # (step it waits for, pages)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._last_was_prefill = False
@@ -69,11 +73,16 @@ class Scheduler:
             s = self.waiting[0]
             if s.num_inflight:  # preempted with a token in flight: recompute once it has arrived
                 break
-            need = pages_for(s.num_tokens, self.cfg.page_size)
-            if not self.allocator.can_allocate(need):
+            node, cached = self.cache.match(s.token_ids[:s.num_tokens - 1])
+            need = pages_for(s.num_tokens, self.cfg.page_size) - len(cached)
+            if not self.cache.can_allocate(need):  # (checked with the match locked: not evictable)
+                self.cache.unlock_now(node)
                 break
             self.waiting.popleft()
-            s.pages, s.status = self.allocator.allocate(need), Status.RUNNING
+            s.pages, s.cache_node, s.status = cached + self.cache.allocate(need), node, Status.RUNNING
+            s.num_computed = len(cached) * self.cfg.page_size
+            if s.num_preemptions == 0:
+                s.num_cached = s.num_computed
             self.running.append(s)
             seqs.append(s), counts.append(min(s.num_pending, budget))
             budget -= counts[-1]
@@ -85,10 +94,10 @@ class Scheduler:
             if s.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             while len(s.pages) < pages_for(s.num_computed + 1, self.cfg.page_size):
-                if self.allocator.can_allocate(1):
-                    s.pages += self.allocator.allocate(1)
-                elif self._deferred:
-                    s.pages.append(self._take_deferred())
+                if self.cache.can_allocate(1):
+                    s.pages += self.cache.allocate(1)
+                elif self.cache.has_deferred_page():
+                    s.pages.append(self.cache.take_deferred_page())
                 elif self.preempt(self.running[-1]) is s:
                     break
             if s.status is Status.RUNNING:
@@ -96,7 +105,8 @@ class Scheduler:
         return ScheduledBatch(seqs, [1] * len(seqs), is_decode=True) if seqs else None
 
     def preempt(self, seq: Sequence) -> Sequence:
-        """Give a running sequence's pages back; it recomputes prompt + output when readmitted."""
+        """Give a running sequence's pages back; it recomputes prompt + output when
+        readmitted (from what the prefix cache kept of them, if there is one)."""
         self.release(seq)
         seq.status, seq.num_computed = Status.WAITING, 0
         seq.num_preemptions += 1
@@ -104,42 +114,31 @@ class Scheduler:
         self.waiting.appendleft(seq)
         return seq
 
-    def release(self, seq: Sequence) -> None:
-        """Free a sequence's pages and drop it from the scheduler."""
+    def release(self, seq: Sequence, keep: bool = True) -> None:
+        """Drop a sequence from the scheduler and give its pages back; with ``keep`` its
+        computed KV enters the prefix cache first (not for an aborted request)."""
         self.detach(seq)
-        self.free(seq.pages)
-        seq.pages = []
+        self.cache.release(seq.token_ids[:seq.num_computed], seq.pages, seq.cache_node, keep=keep)
+        seq.pages, seq.cache_node = [], None
+
+    def commit_prompts(self, batch: ScheduledBatch) -> None:
+        """After a prefill step is launched: a sequence whose prompt it completes puts the
+        prompt's whole pages into the prefix cache (a step launched later reads them after
+        this one wrote them: one device, one stream), so requests sharing the prefix reuse
+        it while this one still decodes."""
+        if self.cache.cache is None or batch.is_decode:
+            return
+        for s in batch.seqs:
+            if s.num_computed >= len(s.prompt_ids) and s.status is Status.RUNNING:
+                s.pages, s.cache_node = self.cache.commit(s.token_ids[:s.num_computed], s.pages, s.cache_node)
 
     def free(self, pages: list[int]) -> None:
         """Give pages back now, or once the step in flight (which may write them) is read."""
-        if self.inflight_step is None:
-            self.allocator.free(pages)
-        elif pages:
-            self._deferred.append((self.inflight_step, list(pages)))
-
-    def _take_deferred(self) -> int:
-        """A page held back for the step in flight, for the step being scheduled: that step
-        takes the in-flight step's pool as input, so the device runs it after, and its
-        writes land after the old ones. (Only the scheduler's own steps may do this; other
-        writers, e.g. a NIXL transfer into pages the decode role allocates, wait.) Without
-        it, a preemption under overlap freed nothing usable and preempted the whole batch."""
-        _, pages = self._deferred[-1]
-        page = pages.pop()
-        if not pages:
-            self._deferred.pop()
-        return page
+        self.cache.free(pages)
 
     def step_done(self, step_id: int) -> None:
         """The results of step ``step_id`` (and all before it) are read: free what waited."""
-        if self.inflight_step == step_id:
-            self.inflight_step = None
-        keep = []
-        for sid, pages in self._deferred:
-            if sid <= step_id:
-                self.allocator.free(pages)
-            else:
-                keep.append((sid, pages))
-        self._deferred = keep
+        self.cache.step_done(step_id)
 
     def detach(self, seq: Sequence) -> None:
         """Drop a sequence from the scheduler but leave its pages allocated (the caller

@@ -1,0 +1,192 @@
+"""The one owner of KV pages: the allocator, the prefix cache and every deferred release.
+
+Every page of the pool but the padding page is, at any moment, in exactly one of:
+
+- **free**: in the allocator;
+- **cached**: in the prefix cache's tree (locked while a request uses it, else evictable);
+- **live**: held by a request (its pages past what the tree holds), or reserved for a
+  transfer another worker writes;
+- **deferred**: released while a step in flight may still write it; back to the
+  allocator once that step is collected (``step_done``).
+
+The scheduler and the P/D roles ask this manager for pages (``can_allocate``/``allocate``:
+eviction from the tree happens here, when the allocator alone falls short) and give them
+back (``free``, ``release``). A request's prefix is matched at admission (``match``: the
+match is locked, always, even when empty) and its committed KV enters the tree when its
+prompt is computed and when it ends (``commit``/``release``). Under overlapped
+scheduling the lock of a released request is dropped, like its pages, only once the step
+in flight is collected: until then that step may still read them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence as Seq
+
+from toolkit.cache.allocator import PageAllocator
+from toolkit.cache.radix import Node, PrefixCache, RadixCache
+
+
+def make_prefix_cache(policy: str, page_size: int, seed: bytes = b"") -> Optional[PrefixCache]:
+    """``cache.policy`` -> the prefix cache (None for ``none``); names in policies.py."""
+    if policy == "none":
+        return None
+    if policy == "radix":
+        return RadixCache(page_size, seed)
+    raise ValueError(f"cache.policy={policy!r}; allowed: none, radix")
+
+
+class CacheManager:
+    def __init__(self, num_pages: int, page_size: int, policy: str = "none", seed: bytes = b""):
+        self.page_size = page_size
+        self.allocator = PageAllocator(num_pages)
+        self.cache = make_prefix_cache(policy, page_size, seed)
+        self.inflight_step: Optional[int] = None  # newest launched step whose results are unread
+        # (step it waits for, pages to free, cache nodes to unlock)
+        self._deferred: list[tuple[int, list[int], list[Node]]] = []
+
+    # ---- counts -------------------------------------------------------------------
+
+    @property
+    def num_usable(self) -> int:
+        return self.allocator.num_usable
+
+    @property
+    def num_free(self) -> int:
+        """Pages in the allocator (not counting evictable cached pages)."""
+        return self.allocator.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return self.cache.num_pages if self.cache is not None else 0
+
+    @property
+    def num_evictable(self) -> int:
+        return self.cache.num_evictable if self.cache is not None else 0
+
+    @property
+    def num_used(self) -> int:
+        """Pages held by requests, reservations or deferred releases (not the cache's)."""
+        return self.num_usable - self.num_free - self.num_cached
+
+    def all_free(self) -> bool:
+        """Every usable page in the allocator (after ``flush``, at rest)."""
+        return self.allocator.all_free()
+
+    # ---- pages ----------------------------------------------------------------------
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= self.num_free + self.num_evictable
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` pages, evicting unlocked cached pages (least recently used first) when the
+        allocator alone falls short. Evicted pages are no request's (locks pin every page
+        a request or a step in flight uses), so they are free at once."""
+        assert self.can_allocate(n), f"asked for {n} pages, {self.num_free} free + {self.num_evictable} evictable"
+        short = n - self.num_free
+        if short > 0:
+            self.allocator.free(self.cache.evict(short))
+        return self.allocator.allocate(n)
+
+    def free(self, pages: Seq[int], unlock: Seq[Node] = ()) -> None:
+        """Give pages back (and drop cache locks) now, or once the step in flight, which
+        may still touch them, is collected."""
+        if self.inflight_step is None:
+            self.allocator.free(list(pages))
+            for node in unlock:
+                self.cache.unlock(node)
+        elif pages or unlock:
+            self._deferred.append((self.inflight_step, list(pages), list(unlock)))
+
+    def has_deferred_page(self) -> bool:
+        return any(pages for _, pages, _ in self._deferred)
+
+    def take_deferred_page(self) -> int:
+        """A page held back for the step in flight, for the step being scheduled: that step
+        takes the in-flight step's pool as input, so the device runs it after and its
+        writes land after the old ones. Only the scheduler's own steps may do this; other
+        writers (a transfer into pages the decode role reserves) wait for ``step_done``."""
+        for i in range(len(self._deferred) - 1, -1, -1):
+            if self._deferred[i][1]:
+                return self._deferred[i][1].pop()
+        raise AssertionError("no deferred page")
+
+    def step_done(self, step_id: int) -> None:
+        """The results of step ``step_id`` (and all before it) are read: free what waited."""
+        if self.inflight_step == step_id:
+            self.inflight_step = None
+        keep = []
+        for sid, pages, nodes in self._deferred:
+            if sid <= step_id:
+                self.allocator.free(pages)
+                for node in nodes:
+                    self.cache.unlock(node)
+            else:
+                keep.append((sid, pages, nodes))
+        self._deferred = keep
+
+    # ---- the prefix cache ---------------------------------------------------------
+
+    def match(self, tokens: Seq[int]) -> tuple[Optional[Node], list[int]]:
+        """The cached pages of the longest whole-page prefix of ``tokens``, locked (release
+        the lock with ``release``/``free(unlock=...)``). (None, []) without a cache."""
+        if self.cache is None:
+            return None, []
+        m = self.cache.match(tokens)
+        self.cache.lock(m.node)
+        return m.node, list(m.pages)
+
+    def unlock_now(self, node: Optional[Node]) -> None:
+        """Undo a ``match`` whose pages no step has used (admission gave up)."""
+        if node is not None:
+            self.cache.unlock(node)
+
+    def commit(self, tokens: Seq[int], pages: list[int], node: Optional[Node]) -> tuple[list[int], Optional[Node]]:
+        """Put the whole pages of ``tokens`` (their KV written, or being written by a step
+        already launched) into the cache. Returns the request's page list remapped to the
+        tree's copies and the node its lock now holds; duplicate pages are freed once no
+        step in flight can touch them. Without a cache: (pages, None)."""
+        if self.cache is None:
+            return pages, node
+        res = self.cache.insert(tokens, pages)
+        self.cache.lock(res.node)
+        self.free(res.duplicates, unlock=[node] if node is not None else [])
+        return res.pages + pages[len(res.pages):], res.node
+
+    def release(self, tokens: Seq[int], pages: list[int], node: Optional[Node], keep: bool = True) -> None:
+        """A request is done with its pages. With ``keep`` its committed KV (``tokens``, whole
+        pages) enters the cache first; without, the cache keeps only what it already held
+        (a failed or aborted request adds nothing). The rest is freed and the lock dropped,
+        both deferred while a step is in flight."""
+        if self.cache is None:
+            return self.free(pages)
+        if keep:
+            pages, node = self.commit(tokens, pages, node)
+            n = min(len(tokens) // self.page_size, len(pages))
+        else:
+            n = len(self.cache.path_pages(node))  # the matched prefix: the tree's pages
+        self.free(pages[n:], unlock=[node])
+
+    def flush(self) -> int:
+        """Evict every unlocked cached page back to the allocator; returns how many."""
+        if self.cache is None:
+            return 0
+        pages = self.cache.evict(self.cache.num_evictable)
+        self.allocator.free(pages)
+        return len(pages)
+
+    def check(self, live: Seq[Seq[int]] = ()) -> None:
+        """Integrity: tree + free + deferred + live (the request page lists' pages the tree
+        does not hold) are the usable pages, each once; the tree's own invariants hold."""
+        tree: list[int] = []
+        if self.cache is not None:
+            self.cache.check()
+            tree = self.cache.pages()
+        in_tree = set(tree)
+        owned = [p for pages in live for p in pages if p not in in_tree]
+        deferred = [p for _, pages, _ in self._deferred for p in pages]
+        everything = tree + owned + deferred + list(self.allocator._free)
+        assert len(everything) == len(set(everything)), "a page in two places"
+        assert len(everything) == self.num_usable, (
+            f"{self.num_usable} usable pages, accounted {len(everything)}: tree {len(tree)}, "
+            f"live {len(owned)}, deferred {len(deferred)}, free {self.num_free}")
+
