@@ -30,6 +30,11 @@ class Metrics:
         self.xla_compiled = Gauge("xla_compilations", "XLA compilations in this process", registry=r)
         self.xla_loaded = Gauge("xla_cache_loads", "executables loaded from the persistent compile cache",
                                 registry=r)
+        self.cache_hit_tokens = Gauge("prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
+                                      registry=r)
+        self.cache_pages = Gauge("prefix_cache_pages", "KV pages in the prefix cache's tree", registry=r)
+        self.cache_evictable = Gauge("prefix_cache_evictable_pages", "cached pages no request holds", registry=r)
+        self.cache_locked = Gauge("prefix_cache_locked_pages", "cached pages requests hold", registry=r)
         self.step_loaded = Gauge("step_executables_loaded",
                                  "step shapes warm-up loaded serialized (not traced, lowered or compiled)",
                                  registry=r)
@@ -44,6 +49,10 @@ class Metrics:
         self.xla_compiled.set(stats.xla_compiled)
         self.xla_loaded.set(stats.xla_loaded)
         self.step_loaded.set(stats.step_loaded)
+        self.cache_hit_tokens.set(stats.cached_tokens)
+        self.cache_pages.set(stats.pages_cached)
+        self.cache_evictable.set(stats.pages_evictable)
+        self.cache_locked.set(stats.pages_cached - stats.pages_evictable)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -182,8 +182,10 @@ async def _timed(q: asyncio.Queue, m: Metrics, t0: float) -> AsyncIterator[dict]
             return
 
 
-def _usage(n_prompt: int, n_out: int) -> dict:
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+def _usage(n_prompt: int, n_out: int, cached: int = 0) -> dict:
+    """OpenAI's usage, with the prompt tokens found in the prefix cache where OpenAI puts them."""
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _logprobs_obj(tokens: list[tuple[int, str, float]], tokenizer, chat: bool) -> dict:
@@ -199,7 +201,7 @@ def _logprobs_obj(tokens: list[tuple[int, str, float]], tokenizer, chat: bool) -
 
 
 async def _collect(events, rid, model, chat, n_prompt, want_lp, backend):
-    toks, text, finish = [], [], None
+    toks, text, finish, cached = [], [], None, 0
     async for ev in events:
         if "token" in ev:
             toks.append((ev["token"], ev["text"], ev["logprob"]))
@@ -207,7 +209,7 @@ async def _collect(events, rid, model, chat, n_prompt, want_lp, backend):
         elif "error" in ev:
             return error(500, f"generation failed: {ev['error']}")
         else:
-            finish = ev["finish_reason"]
+            finish, cached = ev["finish_reason"], ev.get("cached_tokens", 0)
     finish = "stop" if finish == "stop" else "length"
     lp = _logprobs_obj(toks, backend.tokenizer, chat) if want_lp else None
     content = "".join(text)
@@ -215,14 +217,14 @@ async def _collect(events, rid, model, chat, n_prompt, want_lp, backend):
                "finish_reason": finish} if chat else
               {"index": 0, "text": content, "logprobs": lp, "finish_reason": finish})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": _usage(n_prompt, len(toks))}
+            "model": model, "choices": [choice], "usage": _usage(n_prompt, len(toks), cached)}
 
 
 async def _sse(events, rid, model, chat, n_prompt, want_lp, backend) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
     created, n = int(time.time()), 0
 
-    def chunk(delta_text: str | None, finish: str | None, lp=None, role: bool = False) -> str:
+    def chunk(delta_text: str | None, finish: str | None, lp=None, role: bool = False, cached: int = 0) -> str:
         if chat:
             delta = {"role": "assistant"} if role else ({"content": delta_text} if delta_text is not None else {})
             c = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
@@ -230,7 +232,7 @@ async def _sse(events, rid, model, chat, n_prompt, want_lp, backend) -> AsyncIte
             c = {"index": 0, "text": delta_text or "", "logprobs": lp, "finish_reason": finish}
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [c]}
         if finish is not None:
-            body["usage"] = _usage(n_prompt, n)
+            body["usage"] = _usage(n_prompt, n, cached)
         return f"data: {json.dumps(body)}\n\n"
 
     if chat:
@@ -245,7 +247,8 @@ async def _sse(events, rid, model, chat, n_prompt, want_lp, backend) -> AsyncIte
             yield f"data: {json.dumps({'error': {'message': 'generation failed: ' + ev['error'], 'type': 'server_error', 'code': 500}})}\n\n"
             return
         else:
-            yield chunk(None if chat else "", "stop" if ev["finish_reason"] == "stop" else "length")
+            yield chunk(None if chat else "", "stop" if ev["finish_reason"] == "stop" else "length",
+                        cached=ev.get("cached_tokens", 0))
     yield "data: [DONE]\n\n"
 
 

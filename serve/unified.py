@@ -26,7 +26,7 @@ class UnifiedWorker:
     def end(self, seq) -> None:
         emit = self.emitters.pop(seq.request_id, None)
         if emit is not None:
-            emit({"finish_reason": seq.finish_reason})
+            emit({"finish_reason": seq.finish_reason, "cached_tokens": seq.num_cached})
 
     def idle(self) -> bool:
         return not self.engine.has_unfinished()

@@ -64,3 +64,18 @@ def test_bad_role_cache_transfer(no_alloc):
         setattr(getattr(cfg, path), attr, "bogus")
         with pytest.raises(ConfigError, match=f"{path}.{attr}='bogus'"):
             validate(cfg)
+
+
+@pytest.mark.parametrize("role", ["decode"])
+def test_radix_cache_on_a_pd_role_is_refused_at_start(no_alloc, role):
+    """Guards against cache=radix being accepted on the decode role, where the engine does
+    not use it yet (a user would believe decode-side caching is on)."""
+    from toolkit.config.schema import RunConfig
+    from toolkit.config.validate import validate
+
+    cfg = RunConfig(model=TINY_MODEL, engine=engine_cfg())
+    cfg.role.name, cfg.cache.policy, cfg.transfer.backend = role, "radix", "nixl"
+    with pytest.raises(ConfigError, match=f"cache.policy=radix runs on role=unified or prefill or router .*role={role}"):
+        validate(cfg)
+    cfg.cache.policy = "none"
+    validate(cfg)

@@ -54,10 +54,12 @@ def make_pair(request):
 
     made = []
 
-    def make(ckpt, tcfg_kw=None, **ekw):
+    def make(ckpt, tcfg_kw=None, prefill_cache: str = "none", **ekw):
+        from toolkit.config.schema import CacheConfig
+
         tcfg = TransferConfig(backend=request.param, **(tcfg_kw or {}))
         ecfg = engine_cfg(page_size=PAGE, chunk_size=CHUNK, **ekw)
-        pair = PDPair(ckpt, ecfg, tcfg)
+        pair = PDPair(ckpt, ecfg, tcfg, prefill_cache=CacheConfig(policy=prefill_cache))
         made.append(pair)
         return pair
 
@@ -67,5 +69,8 @@ def make_pair(request):
         for w in (pair.prefill, pair.decode):
             used = w.engine.stats().pages_used
             assert used == 0, f"{w.role}: {used} pages in use"
+            w.engine.check_pages()
+            w.engine.flush_cache()
+            assert w.engine.stats().pages_free == w.engine.stats().pages_usable, f"{w.role}: pages missing"
             assert w.aux.num_free == w.tcfg.max_rooms, f"{w.role}: aux slots leaked"
         pair.close()

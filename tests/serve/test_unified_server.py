@@ -149,3 +149,38 @@ def test_load_generator_reports_every_request(server, workload):
     assert any(r.ttft > 0 for r in results)
     assert s["output_tok_per_s"] > 0
     wait_free(server)
+
+
+def test_prefix_cache_reports_cached_tokens_and_changes_no_answer(server, client):
+    """Guards against cache=radix answering differently from cache=none on a multi-turn
+    chat, against usage.prompt_tokens_details.cached_tokens missing or always 0 (streamed
+    or not), and against /metrics not showing the cache."""
+    from serve.metrics import unlabelled_samples
+
+    cached = Worker("unified", ["cache=radix"])
+    try:
+        cclient = OpenAI(base_url=cached.url + "/v1", api_key="unused", max_retries=0)
+        msgs = [{"role": "system", "content": "You are a terse assistant who answers in a few words."}]
+        seen = []
+        for turn, user in enumerate(["Name a colour.", "And a fruit?", "And a river?"]):
+            msgs.append({"role": "user", "content": user})
+            kw = dict(model="tiny-random", messages=msgs, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+            want = client.chat.completions.create(**kw)
+            got = cclient.chat.completions.create(**kw)
+            assert got.choices[0].message.content == want.choices[0].message.content, turn
+            assert want.usage.prompt_tokens_details.cached_tokens == 0
+            seen.append(got.usage.prompt_tokens_details.cached_tokens)
+            # streamed: the same answer, the final chunk's usage counts the cache too
+            chunks = list(cclient.chat.completions.create(**kw, stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+                got.choices[0].message.content
+            assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= got.usage.prompt_tokens_details.cached_tokens
+            msgs.append({"role": "assistant", "content": got.choices[0].message.content})
+        # turn 1 finds the same turn's earlier request (its non-streamed twin) only; later
+        # turns find the conversation so far
+        assert seen[1] > 0 and seen[2] > seen[1], seen
+        m = unlabelled_samples(httpx.get(cached.url + "/metrics").text)
+        assert m["prefix_cache_hit_tokens"] > 0 and m["prefix_cache_pages"] > 0
+        assert m["prefix_cache_locked_pages"] == 0
+    finally:
+        cached.stop()

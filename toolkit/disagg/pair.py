@@ -12,7 +12,7 @@ import random
 import time
 import uuid
 
-from toolkit.config.schema import EngineConfig, TransferConfig
+from toolkit.config.schema import CacheConfig, EngineConfig, TransferConfig
 from toolkit.disagg.choices import PD_TRANSFER_BACKENDS
 from toolkit.disagg.control import ControlChannel, free_tcp_address
 from toolkit.disagg.decode import DecodeWorker
@@ -50,11 +50,13 @@ def make_worker(role: str, engine: Engine, tcfg: TransferConfig, control_address
 
 class PDPair:
     def __init__(self, ckpt, ecfg: EngineConfig, tcfg: TransferConfig, dtype=None,
-                 decode_ecfg: EngineConfig | None = None):
+                 decode_ecfg: EngineConfig | None = None, prefill_cache: CacheConfig | None = None):
+        """prefill_cache: the prefill engine's prefix cache (``cache.policy``; none by default)."""
         import jax.numpy as jnp
 
         dtype = dtype or jnp.float32
-        self.prefill = make_worker("prefill", Engine(ckpt, ecfg, dtype, keep_pages_on_finish=True, prefill_only=True), tcfg)
+        self.prefill = make_worker("prefill", Engine(ckpt, ecfg, dtype, keep_pages_on_finish=True, prefill_only=True,
+                                                     cache=prefill_cache), tcfg)
         self.decode = make_worker("decode", Engine(ckpt, decode_ecfg or ecfg, dtype), tcfg)
         self._rooms = itertools.count(random.randrange(1 << 40))
 

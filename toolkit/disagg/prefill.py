@@ -178,7 +178,7 @@ class PrefillWorker(WorkerBase):
             if r.state.done:  # failed earlier; the last in-flight transfer has now ended
                 self._release(r)
             elif r.last_posted:
-                self._release(r)
+                self._release(r, keep=True)
                 self._finish_room(r, RoomState.SUCCESS)
 
     def _timeouts(self) -> None:
@@ -201,11 +201,11 @@ class PrefillWorker(WorkerBase):
         if not r.handles:
             self._release(r)
 
-    def _release(self, r: Room) -> None:
-        """Free the room's pages and aux slot (no transfer reads them any more)."""
+    def _release(self, r: Room, keep: bool = False) -> None:
+        """Give back the room's pages and aux slot (no transfer reads them any more). With
+        ``keep`` (the room succeeded) the prompt's KV enters the prefix cache, if there is one."""
         if r.seq is not None and r.seq.pages:
-            self.engine.free_pages(r.seq.pages)
-            r.seq.pages = []
+            self.engine.release_pages(r.seq, keep=keep)
         if r.aux_slot is not None:
             self.aux.free(r.aux_slot)
             r.aux_slot = None

@@ -70,6 +70,7 @@ class EngineStats:
     pages_usable: int  # the pool's pages but the padding page
     pages_cached: int  # in the prefix cache (neither used nor free) ...
     pages_evictable: int  # ... of which no request holds these
+    cached_tokens: int  # prompt tokens served from the prefix cache so far
     num_preemptions: int
     num_compilations: int  # executables of the jitted step so far
     max_compilations: int  # the shapes of the bucket set: what a warmed-up engine holds
@@ -125,9 +126,6 @@ class Engine:
         # K and V of one page across all layers: what each page of the pool costs
         page_bytes = PoolLayout.for_model(self.args, 1, ecfg.page_size, dtype).total_bytes
         num_pages = pool_pages(ecfg, page_bytes)
-        if self.cache_cfg.policy != "none" and keep_pages_on_finish:
-            raise ValueError(f"cache.policy={self.cache_cfg.policy} is not supported on the prefill role yet "
-                             "(role=prefill needs cache=none)")
         # the one owner of pages: allocator, prefix cache, deferred releases
         self.kv = CacheManager(num_pages, ecfg.page_size, self.cache_cfg.policy,
                                seed=hash_seed(dataclasses.asdict(self.args), jnp.dtype(dtype).name, ecfg.page_size))
@@ -204,6 +202,13 @@ class Engine:
         self._finish(seq, "abort")
         return seq
 
+    def release_pages(self, seq: Sequence, keep: bool = True) -> None:
+        """Give back a finished request's pages (keep_pages_on_finish: the prefill role, once
+        its transfers have ended). With ``keep`` its computed KV enters the prefix cache;
+        the rest is freed and its cache lock dropped."""
+        self.kv.release(seq.token_ids[:seq.num_computed], seq.pages, seq.cache_node, keep=keep)
+        seq.pages, seq.cache_node = [], None
+
     def free_pages(self, pages: list[int]) -> None:
         """Give pages back: a finished request's (keep_pages_on_finish) or reserved ones.
         Pages a step in flight may still write return once that step is read."""
@@ -251,7 +256,8 @@ class Engine:
         a, s, r = self.kv, self.scheduler, self.runner
         return EngineStats(waiting=len(s.waiting), running=len(s.running), pages_used=a.num_used,
                            pages_free=a.num_free, pages_usable=a.num_usable, pages_cached=a.num_cached,
-                           pages_evictable=a.num_evictable, num_preemptions=s.num_preemptions,
+                           pages_evictable=a.num_evictable, cached_tokens=s.num_cached_tokens,
+                           num_preemptions=s.num_preemptions,
                            num_compilations=r.num_compilations, max_compilations=r.max_compilations,
                            compile_seconds=r.compile_seconds, warmed_up=r.warmed_up,
                            xla_compiled=(c := compile_cache.counts()).compiled, xla_loaded=c.loaded,
@@ -313,7 +319,8 @@ class Engine:
             for seq, n, smp in zip(batch.seqs, batch.num_tokens, launched.samples):
                 seq.num_computed += n
                 seq.num_inflight += smp
-            self.scheduler.commit_prompts(batch)
+            if not self.keep_pages_on_finish:  # (prefill role: transfers read the pages; commit at release)
+                self.scheduler.commit_prompts(batch)
         if self.overlap:
             done, self._inflight = self._inflight, launched
         else:

@@ -38,6 +38,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._last_was_prefill = False
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admissions
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -83,6 +84,7 @@ class Scheduler:
             s.num_computed = len(cached) * self.cfg.page_size
             if s.num_preemptions == 0:
                 s.num_cached = s.num_computed
+                self.num_cached_tokens += s.num_cached
             self.running.append(s)
             seqs.append(s), counts.append(min(s.num_pending, budget))
             budget -= counts[-1]
