@@ -121,7 +121,8 @@ def create_app(worker) -> FastAPI:
                 if room.state is RoomState.FAILED:
                     loop.emit(aloop, q, {"error": room.error})
                 else:
-                    loop.emit(aloop, q, {"finish_reason": room.seq.finish_reason})
+                    loop.emit(aloop, q, {"finish_reason": room.seq.finish_reason,
+                                         "cached_tokens": room.seq.num_cached})
 
             try:
                 await loop.call(lambda: worker.submit(req.room, req.prompt_ids, params, req.prefill_address,

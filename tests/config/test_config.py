@@ -66,16 +66,22 @@ def test_bad_role_cache_transfer(no_alloc):
             validate(cfg)
 
 
-@pytest.mark.parametrize("role", ["decode"])
-def test_radix_cache_on_a_pd_role_is_refused_at_start(no_alloc, role):
-    """Guards against cache=radix being accepted on the decode role, where the engine does
-    not use it yet (a user would believe decode-side caching is on)."""
+def test_radix_cache_with_disagg_in_one_process_is_refused_at_start(no_alloc):
+    """Guards against cache=radix being accepted with disagg=true (both roles in one
+    process, toolkit/run.py), which builds its engines without a prefix cache: a user would
+    believe caching is on. Every server role takes it."""
+    from omegaconf import OmegaConf
+
     from toolkit.config.schema import RunConfig
     from toolkit.config.validate import validate
 
-    cfg = RunConfig(model=TINY_MODEL, engine=engine_cfg())
-    cfg.role.name, cfg.cache.policy, cfg.transfer.backend = role, "radix", "nixl"
-    with pytest.raises(ConfigError, match=f"cache.policy=radix runs on role=unified or prefill or router .*role={role}"):
+    cfg = OmegaConf.structured(RunConfig(model=TINY_MODEL, engine=engine_cfg()))
+    cfg.cache.policy, cfg.transfer.backend = "radix", "inproc"
+    OmegaConf.set_struct(cfg, False)
+    cfg.disagg = True
+    with pytest.raises(ConfigError, match="cache.policy=radix .*disagg=true"):
         validate(cfg)
-    cfg.cache.policy = "none"
-    validate(cfg)
+    for role in ("unified", "prefill", "decode"):
+        c = RunConfig(model=TINY_MODEL, engine=engine_cfg())
+        c.role.name, c.cache.policy, c.transfer.backend = role, "radix", "nixl" if role != "unified" else "none"
+        validate(c)

@@ -54,12 +54,13 @@ def make_pair(request):
 
     made = []
 
-    def make(ckpt, tcfg_kw=None, prefill_cache: str = "none", **ekw):
+    def make(ckpt, tcfg_kw=None, prefill_cache: str = "none", decode_cache: str = "none", **ekw):
         from toolkit.config.schema import CacheConfig
 
         tcfg = TransferConfig(backend=request.param, **(tcfg_kw or {}))
         ecfg = engine_cfg(page_size=PAGE, chunk_size=CHUNK, **ekw)
-        pair = PDPair(ckpt, ecfg, tcfg, prefill_cache=CacheConfig(policy=prefill_cache))
+        pair = PDPair(ckpt, ecfg, tcfg, prefill_cache=CacheConfig(policy=prefill_cache),
+                      decode_cache=CacheConfig(policy=decode_cache))
         made.append(pair)
         return pair
 

@@ -87,14 +87,21 @@ class DecodeWorker(WorkerBase):
                 self._fail(r, self._peer_errors[r.peer_addr])
                 continue
             self._handshake(r.peer_addr)
-            need = num_prompt_pages(r, S)
             busy = running + sum(
                 1 for x in self.active_rooms() if x.state is not RoomState.BOOTSTRAPPING)
-            if not self.engine.can_reserve(need) or self.aux.num_free == 0 or busy >= self.engine.cfg.max_batch_size:
+            if self.aux.num_free == 0 or busy >= self.engine.cfg.max_batch_size:
+                return
+            # the prefix this worker's cache holds (locked, even when empty); prefill sends the rest
+            node, prefix = self.engine.match_prefix(r.prompt_ids)
+            need = num_prompt_pages(r, S) - len(prefix)
+            if not self.engine.can_reserve(need):
+                self.engine.unlock_prefix(node)
                 return
             self._pending.pop(0)
+            r.prefix_node, r.prefix_pages = node, prefix
+            r.seq.num_cached = len(prefix) * S
             r.pages, r.aux_slot = self.engine.reserve_pages(need), self.aux.allocate()
-            r.meta = RoomMeta(r.room, list(r.pages), r.aux_slot, [], 0)
+            r.meta = RoomMeta(r.room, list(r.pages), r.aux_slot, [], len(prefix) * S)
             self.control.send(r.peer_addr, r.meta.to_msg())
             log.debug("room %d: sent metadata (%d pages, aux slot %d)", r.room, need, r.aux_slot)
             r.set(RoomState.WAITING_FOR_INPUT, time.perf_counter() + self.tcfg.wait_timeout_s)
@@ -160,8 +167,9 @@ class DecodeWorker(WorkerBase):
         r.aux_slot = None
         self.stats["rooms_ok"] += 1
         r.set(RoomState.SUCCESS)
-        seq, pages, r.pages = r.seq, r.pages, []
-        self.engine.add_prefilled(seq, pages, int(rec["token"]), float(rec["logprob"]))
+        seq, pages, r.pages = r.seq, r.prefix_pages + r.pages, []
+        node, r.prefix_node, r.prefix_pages = r.prefix_node, None, []
+        self.engine.add_prefilled(seq, pages, int(rec["token"]), float(rec["logprob"]), prefix_node=node)
         if seq.is_finished:  # max_new_tokens == 1 or a stop token: the aux record was the answer
             self._finished(seq)
 
@@ -179,9 +187,13 @@ class DecodeWorker(WorkerBase):
     def _fail(self, r: Room, error: str, tell_peer: bool = True, quarantine: bool = True) -> None:
         """End a room that has not succeeded. Its pages may still be a WRITE target unless
         prefill said otherwise, so they wait in quarantine until prefill confirms ``released``
-        or ``transfer.quarantine_s`` passes (a dead prefill never writes again)."""
+        or ``transfer.quarantine_s`` passes (a dead prefill never writes again). A cached
+        prefix is the tree's, never written by prefill: its lock drops now."""
         was_waiting = r.state is not RoomState.BOOTSTRAPPING
         self._finish_room(r, RoomState.FAILED, error)
+        if r.prefix_node is not None:
+            self.engine.unlock_prefix(r.prefix_node)
+            r.prefix_node, r.prefix_pages = None, []
         if tell_peer and was_waiting:
             self.control.send(r.peer_addr, {"type": "abort", "room": r.room, "error": error})
         if quarantine and was_waiting and r.pages:

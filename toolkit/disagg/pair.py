@@ -50,14 +50,16 @@ def make_worker(role: str, engine: Engine, tcfg: TransferConfig, control_address
 
 class PDPair:
     def __init__(self, ckpt, ecfg: EngineConfig, tcfg: TransferConfig, dtype=None,
-                 decode_ecfg: EngineConfig | None = None, prefill_cache: CacheConfig | None = None):
-        """prefill_cache: the prefill engine's prefix cache (``cache.policy``; none by default)."""
+                 decode_ecfg: EngineConfig | None = None, prefill_cache: CacheConfig | None = None,
+                 decode_cache: CacheConfig | None = None):
+        """prefill_cache, decode_cache: each engine's prefix cache (``cache.policy``; none by
+        default). With decode's, a turn asks prefill only for the pages decode lacks."""
         import jax.numpy as jnp
 
         dtype = dtype or jnp.float32
         self.prefill = make_worker("prefill", Engine(ckpt, ecfg, dtype, keep_pages_on_finish=True, prefill_only=True,
                                                      cache=prefill_cache), tcfg)
-        self.decode = make_worker("decode", Engine(ckpt, decode_ecfg or ecfg, dtype), tcfg)
+        self.decode = make_worker("decode", Engine(ckpt, decode_ecfg or ecfg, dtype, cache=decode_cache), tcfg)
         self._rooms = itertools.count(random.randrange(1 << 40))
 
     def step(self) -> None:

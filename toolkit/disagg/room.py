@@ -39,6 +39,8 @@ class Room:
     num_transfers: int = 0
     last_posted: bool = False
     # decode side
+    prefix_node: Optional[object] = None  # the decode cache's locked match (None: no cache)
+    prefix_pages: list[int] = dataclasses.field(default_factory=list)  # its pages: the prompt's first ones
     notifs_seen: int = 0
     expected: Optional[int] = None
     # (time, state) history, for tracing

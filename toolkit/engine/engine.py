@@ -232,11 +232,25 @@ class Engine:
         the prefix cache, a request's, or waiting for the step in flight."""
         self.kv.check([s.pages for s in self.seqs.values()])
 
-    def add_prefilled(self, seq: Sequence, pages: list[int], token: int, logprob: float) -> None:
-        """Admit a request whose prompt KV is already in ``pages`` (reserved here, written by
-        a prefill worker) together with its first token; it then decodes like any other.
-        The engine owns the pages from now on."""
-        seq.pages, seq.num_computed = list(pages), seq.num_tokens
+    # The decode role's prefix cache: match a prompt before reserving pages for the rest.
+    def match_prefix(self, prompt_ids: list[int]) -> tuple[object, list[int]]:
+        """The cached whole pages of the longest prefix of ``prompt_ids`` (the whole prompt
+        may match: prefill samples the first token), locked even when empty: hand the lock
+        to ``add_prefilled`` or drop it with ``unlock_prefix``. (None, []) without a cache."""
+        return self.kv.match(prompt_ids)
+
+    def unlock_prefix(self, node: object) -> None:
+        """Drop a ``match_prefix`` lock whose request will not run (its pages stay cached)."""
+        self.kv.unlock_now(node)
+
+    def add_prefilled(self, seq: Sequence, pages: list[int], token: int, logprob: float,
+                      prefix_node: object = None) -> None:
+        """Admit a request whose prompt KV is already in ``pages`` (a cached prefix from
+        ``match_prefix``, whose lock ``prefix_node`` passes to the request, then pages
+        reserved here and written by a prefill worker) together with its first token; it
+        then decodes like any other. The engine owns the pages from now on."""
+        seq.pages, seq.num_computed, seq.cache_node = list(pages), seq.num_tokens, prefix_node
+        self.scheduler.num_cached_tokens += seq.num_cached  # (the decode role sets it at match)
         self.seqs[seq.request_id] = seq
         self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add_running(seq)
