@@ -28,7 +28,8 @@ def build_router(cfg):
     max_len = cfg.engine.max_model_len or ckpt.args.max_position_embeddings
     r = cfg.role
     return create_router_app(RouterBackend(ckpt.tokenizer, cfg.model.name, max_len, r.prefill_urls,
-                                           r.decode_urls, r.policy, r.health_interval_s, cfg.server.max_queue))
+                                           r.decode_urls, r.policy, r.health_interval_s, cfg.server.max_queue,
+                                           r.cache_aware_margin, r.cache_aware_block))
 
 
 def serve_job(cfg) -> None:

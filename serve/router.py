@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from serve.openai_app import Overloaded
+from serve.prefix_index import PrefixIndex, pick_cache_aware
 from toolkit.engine.request import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,17 @@ class WorkerState:
     control: str = ""
     in_flight: int = 0
     failures: int = 0
+    index: PrefixIndex = dataclasses.field(default_factory=PrefixIndex)  # cache_aware: what it likely caches
 
 
 class RouterBackend:
     def __init__(self, tokenizer, model_name: str, max_model_len: int, prefill_urls: list[str],
                  decode_urls: list[str], policy: str = "round_robin", health_interval_s: float = 1.0,
-                 max_queue: int = 256):
+                 max_queue: int = 256, cache_aware_margin: int = 8, cache_aware_block: int = 16):
         self.tokenizer, self.model_name, self.max_model_len = tokenizer, model_name, max_model_len
-        self.workers = {"prefill": [WorkerState(u, "prefill") for u in prefill_urls],
-                        "decode": [WorkerState(u, "decode") for u in decode_urls]}
+        self.workers = {role: [WorkerState(u, role, index=PrefixIndex(cache_aware_block)) for u in urls]
+                        for role, urls in (("prefill", prefill_urls), ("decode", decode_urls))}
+        self.cache_aware_margin = cache_aware_margin
         self.policy, self.health_interval_s, self.max_queue = policy, health_interval_s, max_queue
         self._rr = {"prefill": itertools.count(), "decode": itertools.count()}
         self._tasks: dict[str, asyncio.Task] = {}
@@ -90,18 +93,21 @@ class RouterBackend:
             if ok != w.healthy:
                 log.warning("%s worker %s is %s", w.role, w.url, "in rotation" if ok else "out of rotation")
                 if not ok:
-                    w.control = ""  # a restarted worker has a new control address
+                    w.control = ""  # a restarted worker has a new control address...
+                    w.index.clear()  # ...and an empty cache
             w.healthy = ok
         await asyncio.gather(*(one(w) for ws in self.workers.values() for w in ws))
 
     # ---- picking --------------------------------------------------------------------------
 
-    def pick(self, role: str) -> WorkerState:
+    def pick(self, role: str, ids: list[int] = ()) -> WorkerState:
         live = [w for w in self.workers[role] if w.healthy and w.control]
         if not live:
             raise Overloaded(f"no healthy {role} worker")
         if self.policy == "least_loaded":
             return min(live, key=lambda w: w.in_flight)
+        if self.policy == "cache_aware":
+            return pick_cache_aware(live, ids, self.cache_aware_margin, next(self._rr[role]))
         return live[next(self._rr[role]) % len(live)]
 
     # ---- the Backend contract ------------------------------------------------------------
@@ -109,7 +115,7 @@ class RouterBackend:
     async def start(self, ids: list[int], params: SamplingParams, rid: str) -> asyncio.Queue:
         if len(self._tasks) >= self.max_queue:
             raise Overloaded(f"router busy: {len(self._tasks)} requests in flight (server.max_queue)")
-        pre, dec = self.pick("prefill"), self.pick("decode")
+        pre, dec = self.pick("prefill", ids), self.pick("decode", ids)
         q: asyncio.Queue = asyncio.Queue()
         self.stats["requests"] += 1
         self._tasks[rid] = asyncio.create_task(self._run(pre, dec, ids, params, rid, q))
@@ -140,15 +146,21 @@ class RouterBackend:
                 if p.status_code != 200:
                     return self._fail(q, f"prefill worker {pre.url} refused the request: {p.status_code} {p.text}")
                 pre.in_flight -= 1
-                pre = None
+                pre_done, pre = pre, None
+                out: list[int] = []
                 async for line in r.aiter_lines():
                     if line:
                         ev = json.loads(line)
                         q.put_nowait(ev)
-                        if "token" not in ev:
-                            if "error" in ev:
-                                self.stats["errors"] += 1
-                            return
+                        if "token" in ev:
+                            out.append(ev["token"])
+                            continue
+                        if "error" in ev:
+                            self.stats["errors"] += 1
+                        else:  # what each worker's cache now likely holds
+                            pre_done.index.insert(ids)
+                            dec.index.insert(list(ids) + out[:-1])
+                        return
                 self._fail(q, f"decode worker {dec.url} closed the stream early")
         except httpx.HTTPError as e:
             dec.failures += 1

@@ -117,7 +117,12 @@ class RoleConfig:
     # how often it checks their health (a failing worker leaves the rotation until it answers)
     prefill_urls: list[str] = field(default_factory=list)
     decode_urls: list[str] = field(default_factory=list)
-    policy: str = "round_robin"  # round_robin | least_loaded
+    # round_robin | least_loaded | cache_aware (the worker that most likely holds the
+    # request's prefix in its cache, from what the router sent where, unless it has more
+    # than cache_aware_margin requests in flight beyond the least loaded: serve/prefix_index.py)
+    policy: str = "round_robin"
+    cache_aware_margin: int = 8
+    cache_aware_block: int = 16  # tokens per block of the router's prefix index (the workers' page size)
     health_interval_s: float = 1.0
 
 

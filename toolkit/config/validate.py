@@ -23,7 +23,7 @@ from toolkit.models.spec import LAYER_LOOPS
 # (toolkit.engine.engine.resolve_dtype; serve/__main__.py and serve/router.py).
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bfloat16 on GPU
 ROLES = ("unified", *PD_ROLES, "router")  # what a `python -m serve` process runs
-ROUTER_POLICIES = ("round_robin", "least_loaded")
+ROUTER_POLICIES = ("round_robin", "least_loaded", "cache_aware")
 _PD_BACKENDS = ", ".join(PD_TRANSFER_BACKENDS)
 
 
