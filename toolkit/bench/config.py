@@ -94,7 +94,7 @@ class ServeBench:
 
     url: str = "http://127.0.0.1:8000"
     model: str = ""  # "" = the first of /v1/models
-    workload: str = "random"  # random | multiturn
+    workload: str = "random"  # random | multiturn | shared_prefix
     num_requests: int = 64
     concurrency: int = 8
     input_len: int = 128  # random: prompt words; multiturn: words per user turn
@@ -104,7 +104,8 @@ class ServeBench:
     # are per token (at the cost of building the logprob objects)
     logprobs: bool = False
     turns: int = 4  # multiturn: user turns per conversation (shared, growing prefixes)
-    shared_prefix_len: int = 256  # multiturn: words of a system prompt shared by all conversations
+    shared_prefix_len: int = 256  # multiturn, shared_prefix: words of each shared prefix
+    num_prefixes: int = 4  # shared_prefix: unique long prefixes the conversations start from
     seed: int = 0
     json_out: str = ""
 

@@ -82,7 +82,26 @@ def multiturn_workload(cfg, rng) -> list[list[dict]]:
     return out[:cfg.num_requests]
 
 
-WORKLOADS: dict[str, Callable] = {"random": random_workload, "multiturn": multiturn_workload}
+def shared_prefix_workload(cfg, rng) -> list[list[dict]]:
+    """``num_prefixes`` unique long prefixes (``shared_prefix_len`` words each), each followed
+    by many different conversations of ``turns`` turns (``input_len`` words per user turn,
+    made-up answers): with a long prefix and a short suffix, ~90% of each prompt is a prefix
+    some earlier request already sent (the traffic of a shared document or codebase)."""
+    prefixes = [_words(random.Random(cfg.seed + 1 + k), cfg.shared_prefix_len) for k in range(cfg.num_prefixes)]
+    out, convs = [], max(1, cfg.num_requests // cfg.turns)
+    for c in range(convs):
+        msgs = [{"role": "system", "content": prefixes[c % cfg.num_prefixes]}]
+        for _ in range(cfg.turns):
+            msgs = msgs + [{"role": "user", "content": _words(rng, cfg.input_len)}]
+            out.append(list(msgs))
+            msgs = msgs + [{"role": "assistant", "content": _words(rng, cfg.output_len // 2)}]
+    # interleave conversations turn by turn, so turn t of every conversation comes before turn t+1
+    order = sorted(range(len(out)), key=lambda i: (i % cfg.turns, i // cfg.turns))
+    return [out[i] for i in order][:cfg.num_requests]
+
+
+WORKLOADS: dict[str, Callable] = {"random": random_workload, "multiturn": multiturn_workload,
+                                  "shared_prefix": shared_prefix_workload}
 
 
 async def _one(client: httpx.AsyncClient, cfg, model: str, messages: list[dict]) -> Result:

@@ -256,6 +256,22 @@ class RadixCache(PrefixCache):
     def _leaves(self):
         return (n for n in self._nodes() if not n.children and n is not self.root)
 
+    def describe(self, max_lines: int = 40) -> list[str]:
+        """The tree as indented lines: pages, tokens and lock count of each node (for notebooks)."""
+        lines: list[str] = []
+
+        def walk(node: Node, depth: int) -> None:
+            if len(lines) >= max_lines:
+                return
+            if node is not self.root:
+                lines.append(f"{'  ' * depth}{len(node.pages)} pages ({len(node.key)} tokens) "
+                             f"pages {node.pages[0]}..{node.pages[-1]} lock {node.lock}")
+            for child in sorted(node.children.values(), key=lambda c: c.pages[0]):
+                walk(child, depth + (node is not self.root))
+
+        walk(self.root, 0)
+        return lines
+
     def pages(self) -> list[int]:
         """Every page the tree holds (for the manager's accounting)."""
         return [p for n in self._nodes() for p in n.pages]

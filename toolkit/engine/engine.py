@@ -227,6 +227,10 @@ class Engine:
         pool is whole; a driver may call it to drop the cache). Returns how many."""
         return self.kv.flush()
 
+    def describe_prefix_cache(self, max_lines: int = 40) -> list[str]:
+        """The prefix cache's tree as text lines ([] without a cache)."""
+        return self.kv.cache.describe(max_lines) if self.kv.cache is not None else []
+
     def check_pages(self) -> None:
         """Raise AssertionError unless every usable page is in exactly one place: free, in
         the prefix cache, a request's, or waiting for the step in flight."""

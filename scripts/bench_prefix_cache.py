@@ -1,0 +1,121 @@
+"""The multi-turn shared-prefix workload through router + prefill + decode processes, with
+every worker's prefix cache off (baseline) and on (cache=radix), in one run.
+
+    python scripts/bench_prefix_cache.py                       # CPU, tiny random model, scaled down
+    python scripts/bench_prefix_cache.py --gpu                 # one GPU, random-8b, long prefixes
+
+Prints one row per setting (the load generator's numbers, plus the prompt tokens the
+workers found cached and the KV bytes prefill moved) and the ratios radix / baseline.
+Each setting starts its own worker processes and stops them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from serve.metrics import unlabelled_samples  # noqa: E402
+from tests.disagg.procs import free_port  # noqa: E402
+from toolkit.bench.config import ServeBench  # noqa: E402
+from toolkit.bench.serve import run_load, summarize  # noqa: E402
+
+CPU = dict(model=["model=tiny-random", "engine.page_size=4", "engine.chunk_size=64", "engine.num_pages=2048",
+                  "engine.max_batch_size=16", "engine.max_model_len=2048", "engine.min_bucket=4"],
+           load=dict(num_requests=48, concurrency=8, num_prefixes=3, shared_prefix_len=120, input_len=8,
+                     output_len=16, turns=4), block=4)
+GPU = dict(model=["engine=gpu", "model=random-8b", "engine.max_model_len=32768", "engine.chunk_size=4096"],
+           load=dict(num_requests=128, concurrency=32, num_prefixes=4, shared_prefix_len=2000, input_len=50,
+                     output_len=128, turns=4), block=16)
+COLS = ["cache", "requests", "failed", "req_per_s", "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms",
+        "tpot_avg_ms", "itl_avg_ms", "e2e_p50_ms", "prefill_hit_tokens", "decode_hit_tokens", "kv_mib_moved"]
+
+
+def start(role: str, args: list[str], log_dir: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = open(os.path.join(log_dir, f"{role}-{port}.log"), "w")
+    transfer = ["transfer=nixl"] if role in ("prefill", "decode") else []
+    proc = subprocess.Popen([sys.executable, "-m", "serve", f"role={role}", f"server.port={port}", *transfer, *args],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{role} exited; see {log.name}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.time() - t0 > 1800:
+            raise TimeoutError(f"{role} not ready")
+        time.sleep(0.5)
+
+
+def one_setting(cache: str, setup: dict, log_dir: str) -> dict:
+    procs = []
+    try:
+        pre, pre_url = start("prefill", [f"cache={cache}", *setup["model"]], log_dir)
+        procs.append(pre)
+        dec, dec_url = start("decode", [f"cache={cache}", *setup["model"]], log_dir)
+        procs.append(dec)
+        router, url = start("router", [*setup["model"][:2], f"role.prefill_urls=[{pre_url}]",
+                                       f"role.decode_urls=[{dec_url}]", "role.policy=cache_aware",
+                                       f"role.cache_aware_block={setup['block']}"], log_dir)
+        procs.append(router)
+        lcfg = ServeBench(url=url, workload="shared_prefix", logprobs=True, **setup["load"])
+        results, wall = asyncio.run(run_load(lcfg))
+        s = summarize(results, wall, lcfg)
+        pm = unlabelled_samples(httpx.get(pre_url + "/metrics").text)
+        dm = unlabelled_samples(httpx.get(dec_url + "/metrics").text)
+        moved = httpx.get(pre_url + "/pd/stats").json().get("transfer_bytes", 0)
+        return {"cache": cache, **{k: s[k] for k in COLS if k in s},
+                "prefill_hit_tokens": int(pm.get("prefix_cache_hit_tokens", 0)),
+                "decode_hit_tokens": int(dm.get("prefix_cache_hit_tokens", 0)), "kv_mib_moved": moved / 2**20}
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpu", action="store_true", help="the GPU setup (random-8b, long prefixes)")
+    ap.add_argument("--json-out", default="")
+    ap.add_argument("--log-dir", default="/tmp")
+    a = ap.parse_args()
+    setup = GPU if a.gpu else CPU
+    rows = [one_setting(c, setup, a.log_dir) for c in ("none", "radix")]
+    base, rad = rows
+    ratio = {"cache": "radix / none"}
+    for k in ("req_per_s", "output_tok_per_s"):
+        ratio[k] = rad[k] / base[k]
+    for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_avg_ms", "itl_avg_ms", "e2e_p50_ms", "kv_mib_moved"):
+        ratio[k] = base[k] / rad[k] if rad[k] else float("inf")  # > 1: radix is better
+    print("| " + " | ".join(COLS) + " |")
+    print("|" + "---|" * len(COLS))
+    for r in rows + [ratio]:
+        print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
+                                for k in COLS) + " |")
+    print(f"(ratios: throughput radix/none; latencies and bytes none/radix, so > 1 is better)\n"
+          f"load: {json.dumps(setup['load'])}")
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump({"rows": rows, "ratio": ratio, "setup": {k: v for k, v in setup.items()}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
