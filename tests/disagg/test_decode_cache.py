@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.disagg.test_prefill_cache import pd_turns
 from tests.engine.test_prefix_cache import conversations
 from toolkit.engine.request import SamplingParams
 
@@ -26,22 +27,7 @@ def test_multi_turn_sends_only_the_missing_pages(tiny_ckpt, make_engine, make_pa
     system, convs = conversations(3, 4, seed=7)
     pair = make_pair(tiny_ckpt, tcfg_kw=dict(checksum=True), decode_cache="radix")
     ref = make_engine(tiny_ckpt, page_size=S, chunk_size=16)
-    history = [list(system) for _ in convs]
-    per_turn = []
-    for t in range(4):
-        for i, conv in enumerate(convs):
-            history[i] += conv[t]
-        params = [SamplingParams(max_new_tokens=5 + i, ignore_eos=True) for i in range(len(convs))]
-        want = [o.token_ids for o in ref.generate([list(h) for h in history], params)]
-        b0 = pages_moved(pair)
-        got = pair.generate([list(h) for h in history], params)
-        assert all(not isinstance(o, str) for o in got), got
-        assert [o.token_ids for o in got] == want, f"turn {t}"
-        prompt_pages = sum(-(-len(h) // S) for h in history)
-        per_turn.append(((pages_moved(pair) - b0), prompt_pages))
-        pair.decode.engine.check_pages()
-        for i, o in enumerate(got):
-            history[i] += o.token_ids
+    per_turn = pd_turns(pair, ref, system, convs, lambda: pages_moved(pair))
     page_bytes = per_turn[0][0] / per_turn[0][1]  # turn 1: decode held nothing but the system prompt's pages
     for t, (moved, prompt_pages) in enumerate(per_turn[1:], 1):
         # a turn moves the pages past what decode committed of the previous turn: the new
