@@ -122,3 +122,16 @@ def test_aborted_request_adds_nothing_and_identical_prompts_share_pages(tiny_ckp
     eng.sync()
     assert a.output_ids == b.output_ids
     assert eng.stats().pages_cached == 6  # 23 prompt + 2 committed output tokens -> 6 whole pages
+
+
+def test_warmup_puts_nothing_in_the_cache(tiny_ckpt, make_engine):
+    """Guards against warm-up's padding steps entering the tree (a real request would then
+    'hit' KV that no request computed): after warm-up the cache is empty, and a request
+    finds zero cached tokens."""
+    eng = make_engine(tiny_ckpt, cache="radix", shape_buckets="compact", max_model_len=64, max_batch_size=4,
+                      chunk_size=16, max_prefill_seqs=2, page_size=4, num_pages=64)
+    assert eng.warmup(force=True, progress=False).shapes > 0
+    assert eng.stats().pages_cached == 0
+    s = eng.add_request([0] * 20, SamplingParams(max_new_tokens=2, ignore_eos=True))  # page 0's padding tokens
+    eng.run_until_done()
+    assert s.num_cached == 0 and eng.stats().cached_tokens == 0

@@ -38,7 +38,7 @@ def make_prefix_cache(policy: str, page_size: int, seed: bytes = b"") -> Optiona
 class CacheManager:
     def __init__(self, num_pages: int, page_size: int, policy: str = "none", seed: bytes = b""):
         self.page_size = page_size
-        self.allocator = PageAllocator(num_pages)
+        self._alloc = PageAllocator(num_pages)
         self.cache = make_prefix_cache(policy, page_size, seed)
         self.inflight_step: Optional[int] = None  # newest launched step whose results are unread
         # (step it waits for, pages to free, cache nodes to unlock)
@@ -48,12 +48,12 @@ class CacheManager:
 
     @property
     def num_usable(self) -> int:
-        return self.allocator.num_usable
+        return self._alloc.num_usable
 
     @property
     def num_free(self) -> int:
         """Pages in the allocator (not counting evictable cached pages)."""
-        return self.allocator.num_free
+        return self._alloc.num_free
 
     @property
     def num_cached(self) -> int:
@@ -70,7 +70,7 @@ class CacheManager:
 
     def all_free(self) -> bool:
         """Every usable page in the allocator (after ``flush``, at rest)."""
-        return self.allocator.all_free()
+        return self._alloc.all_free()
 
     # ---- pages ----------------------------------------------------------------------
 
@@ -84,14 +84,14 @@ class CacheManager:
         assert self.can_allocate(n), f"asked for {n} pages, {self.num_free} free + {self.num_evictable} evictable"
         short = n - self.num_free
         if short > 0:
-            self.allocator.free(self.cache.evict(short))
-        return self.allocator.allocate(n)
+            self._alloc.free(self.cache.evict(short))
+        return self._alloc.allocate(n)
 
     def free(self, pages: Seq[int], unlock: Seq[Node] = ()) -> None:
         """Give pages back (and drop cache locks) now, or once the step in flight, which
         may still touch them, is collected."""
         if self.inflight_step is None:
-            self.allocator.free(list(pages))
+            self._alloc.free(list(pages))
             for node in unlock:
                 self.cache.unlock(node)
         elif pages or unlock:
@@ -117,7 +117,7 @@ class CacheManager:
         keep = []
         for sid, pages, nodes in self._deferred:
             if sid <= step_id:
-                self.allocator.free(pages)
+                self._alloc.free(pages)
                 for node in nodes:
                     self.cache.unlock(node)
             else:
@@ -171,7 +171,7 @@ class CacheManager:
         if self.cache is None:
             return 0
         pages = self.cache.evict(self.cache.num_evictable)
-        self.allocator.free(pages)
+        self._alloc.free(pages)
         return len(pages)
 
     def check(self, live: Seq[Seq[int]] = ()) -> None:
@@ -184,7 +184,7 @@ class CacheManager:
         in_tree = set(tree)
         owned = [p for pages in live for p in pages if p not in in_tree]
         deferred = [p for _, pages, _ in self._deferred for p in pages]
-        everything = tree + owned + deferred + list(self.allocator._free)
+        everything = tree + owned + deferred + list(self._alloc._free)
         assert len(everything) == len(set(everything)), "a page in two places"
         assert len(everything) == self.num_usable, (
             f"{self.num_usable} usable pages, accounted {len(everything)}: tree {len(tree)}, "

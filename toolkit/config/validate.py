@@ -89,7 +89,8 @@ def validate(cfg) -> None:
     validate_engine(cfg.engine)
     _one_of("role.name", cfg.role.name, ROLES)
     validate_cache(cfg.cache)
-    _need(cfg.role.name in POLICY_ROLES[cfg.cache.policy] and not getattr(cfg, "disagg", False),
+    _need(cfg.role.name in POLICY_ROLES[cfg.cache.policy]
+          and not (getattr(cfg, "disagg", False) and cfg.cache.policy != "none"),
           f"cache.policy={cfg.cache.policy} runs on role={' or '.join(POLICY_ROLES[cfg.cache.policy])} "
           f"(not yet on role={cfg.role.name}{' with disagg=true' if getattr(cfg, 'disagg', False) else ''}); "
           "use cache=none there")
