@@ -35,19 +35,27 @@ CPU = dict(model=["model=tiny-random", "engine.page_size=4", "engine.chunk_size=
                   "engine.max_batch_size=16", "engine.max_model_len=2048", "engine.min_bucket=4"],
            load=dict(num_requests=48, concurrency=8, num_prefixes=3, shared_prefix_len=120, input_len=8,
                      output_len=16, turns=4), block=4)
-GPU = dict(model=["engine=gpu", "model=random-8b", "engine.max_model_len=32768", "engine.chunk_size=4096"],
-           load=dict(num_requests=128, concurrency=32, num_prefixes=4, shared_prefix_len=2000, input_len=50,
-                     output_len=128, turns=4), block=16)
+# Two workers share one GPU: each gets a quarter of it for XLA (weights, activations) and a
+# pool from what is left (prefill 0.25, decode 0.5 of the free memory it sees). ~1350 words
+# of the byte-level tokenizer are ~8K tokens.
+GPU = dict(model=["engine=gpu", "model=random-8b", "engine.max_model_len=16384", "engine.chunk_size=2048"],
+           load=dict(num_requests=64, concurrency=16, num_prefixes=4, shared_prefix_len=1350, input_len=40,
+                     output_len=128, turns=4), block=16,
+           env={"prefill": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.25"}, "decode": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.25"},
+                "router": {"JAX_PLATFORMS": "cpu"}},
+           role_args={"prefill": ["engine.memory_fraction=0.25"], "decode": ["engine.memory_fraction=0.5"]})
 COLS = ["cache", "requests", "failed", "req_per_s", "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms",
         "tpot_avg_ms", "itl_avg_ms", "e2e_p50_ms", "prefill_hit_tokens", "decode_hit_tokens", "kv_mib_moved"]
 
 
-def start(role: str, args: list[str], log_dir: str) -> tuple[subprocess.Popen, str]:
+def start(role: str, args: list[str], log_dir: str, setup: dict) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = open(os.path.join(log_dir, f"{role}-{port}.log"), "w")
     transfer = ["transfer=nixl"] if role in ("prefill", "decode") else []
-    proc = subprocess.Popen([sys.executable, "-m", "serve", f"role={role}", f"server.port={port}", *transfer, *args],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **setup.get("env", {}).get(role, {})}
+    proc = subprocess.Popen([sys.executable, "-m", "serve", f"role={role}", f"server.port={port}", *transfer, *args,
+                             *setup.get("role_args", {}).get(role, [])],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()
     while True:
@@ -66,13 +74,13 @@ def start(role: str, args: list[str], log_dir: str) -> tuple[subprocess.Popen, s
 def one_setting(cache: str, setup: dict, log_dir: str) -> dict:
     procs = []
     try:
-        pre, pre_url = start("prefill", [f"cache={cache}", *setup["model"]], log_dir)
+        pre, pre_url = start("prefill", [f"cache={cache}", *setup["model"]], log_dir, setup)
         procs.append(pre)
-        dec, dec_url = start("decode", [f"cache={cache}", *setup["model"]], log_dir)
+        dec, dec_url = start("decode", [f"cache={cache}", *setup["model"]], log_dir, setup)
         procs.append(dec)
-        router, url = start("router", [*setup["model"][:2], f"role.prefill_urls=[{pre_url}]",
+        router, url = start("router", [*setup["model"], f"role.prefill_urls=[{pre_url}]",
                                        f"role.decode_urls=[{dec_url}]", "role.policy=cache_aware",
-                                       f"role.cache_aware_block={setup['block']}"], log_dir)
+                                       f"role.cache_aware_block={setup['block']}"], log_dir, setup)
         procs.append(router)
         lcfg = ServeBench(url=url, workload="shared_prefix", logprobs=True, **setup["load"])
         results, wall = asyncio.run(run_load(lcfg))

@@ -19,15 +19,27 @@ def build_pd_worker(cfg):
     return make_worker(cfg.role.name, engine, cfg.transfer, cfg.role.control_address)
 
 
-def build_router(cfg):
-    from serve.router import RouterBackend, create_router_app
+def _tokenizer_and_context(model_cfg):
+    """What the router needs of the model: its tokenizer and context length. A random
+    model's are known without building its weights (an 8B shape would take gigabytes)."""
+    if model_cfg.source == "random":
+        from toolkit.models.random_init import TINY_ARGS, byte_tokenizer
+
+        return byte_tokenizer(), dict(TINY_ARGS, **model_cfg.random)["max_position_embeddings"]
     from toolkit.models.loader import load_checkpoint
 
+    ckpt = load_checkpoint(model_cfg, progress=False)
+    return ckpt.tokenizer, ckpt.args.max_position_embeddings
+
+
+def build_router(cfg):
+    from serve.router import RouterBackend, create_router_app
+
     validate(cfg)
-    ckpt = load_checkpoint(cfg.model, progress=False)  # for the tokenizer and the context length
-    max_len = cfg.engine.max_model_len or ckpt.args.max_position_embeddings
+    tokenizer, context = _tokenizer_and_context(cfg.model)
+    max_len = cfg.engine.max_model_len or context
     r = cfg.role
-    return create_router_app(RouterBackend(ckpt.tokenizer, cfg.model.name, max_len, r.prefill_urls,
+    return create_router_app(RouterBackend(tokenizer, cfg.model.name, max_len, r.prefill_urls,
                                            r.decode_urls, r.policy, r.health_interval_s, cfg.server.max_queue,
                                            r.cache_aware_margin, r.cache_aware_block))
 

@@ -116,10 +116,24 @@ class RouterBackend:
         if len(self._tasks) >= self.max_queue:
             raise Overloaded(f"router busy: {len(self._tasks)} requests in flight (server.max_queue)")
         pre, dec = self.pick("prefill", ids), self.pick("decode", ids)
+        # counted now, not when the task first runs: a burst of requests picked before any
+        # task ran all saw the same loads and went to the same workers. Released by the
+        # task's done callback, which runs even for a task cancelled before it started.
+        held = {"prefill": pre, "decode": dec}
+        for w in held.values():
+            w.in_flight += 1
         q: asyncio.Queue = asyncio.Queue()
         self.stats["requests"] += 1
-        self._tasks[rid] = asyncio.create_task(self._run(pre, dec, ids, params, rid, q))
+        task = asyncio.create_task(self._run(held, ids, params, q))
+        task.add_done_callback(lambda _t: self._release(held, rid))
+        self._tasks[rid] = task
         return q
+
+    def _release(self, held: dict[str, WorkerState], rid: str) -> None:
+        for w in held.values():
+            w.in_flight -= 1
+        held.clear()
+        self._tasks.pop(rid, None)
 
     async def abort(self, rid: str) -> None:
         t = self._tasks.pop(rid, None)
@@ -131,11 +145,11 @@ class RouterBackend:
                 "healthy_prefill": sum(w.healthy for w in self.workers["prefill"]),
                 "healthy_decode": sum(w.healthy for w in self.workers["decode"]), **self.stats}
 
-    async def _run(self, pre: WorkerState, dec: WorkerState, ids, params: SamplingParams, rid, q) -> None:
+    async def _run(self, held: dict[str, WorkerState], ids, params: SamplingParams, q) -> None:
+        """held: the workers this request counts against (prefill leaves it once it accepted)."""
+        pre, dec = held["prefill"], held["decode"]
         room = random.getrandbits(62)
         body = {"room": room, "prompt_ids": ids, "params": params.to_dict()}
-        pre.in_flight += 1
-        dec.in_flight += 1
         try:
             async with self._client.stream("POST", dec.url + "/pd/decode",
                                            json={**body, "prefill_address": pre.control}) as r:
@@ -146,7 +160,7 @@ class RouterBackend:
                 if p.status_code != 200:
                     return self._fail(q, f"prefill worker {pre.url} refused the request: {p.status_code} {p.text}")
                 pre.in_flight -= 1
-                pre_done, pre = pre, None
+                del held["prefill"]
                 out: list[int] = []
                 async for line in r.aiter_lines():
                     if line:
@@ -158,18 +172,13 @@ class RouterBackend:
                         if "error" in ev:
                             self.stats["errors"] += 1
                         else:  # what each worker's cache now likely holds
-                            pre_done.index.insert(ids)
+                            pre.index.insert(ids)
                             dec.index.insert(list(ids) + out[:-1])
                         return
                 self._fail(q, f"decode worker {dec.url} closed the stream early")
         except httpx.HTTPError as e:
             dec.failures += 1
             self._fail(q, f"lost the decode worker {dec.url}: {type(e).__name__}")
-        finally:
-            dec.in_flight -= 1
-            if pre is not None:
-                pre.in_flight -= 1
-            self._tasks.pop(rid, None)
 
     def _fail(self, q: asyncio.Queue, msg: str) -> None:
         self.stats["errors"] += 1

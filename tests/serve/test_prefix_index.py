@@ -42,3 +42,30 @@ def test_pick_follows_the_prefix_unless_overloaded():
     assert pick_cache_aware([x, y], [50] * 12, margin=2) is y  # no hit anywhere: least loaded
     x.in_flight = y.in_flight = 0  # no hit, equal load: the counter spreads them
     assert {pick_cache_aware([x, y], [50] * 12, margin=2, start=s).name for s in range(2)} == {"x", "y"}
+
+
+def test_a_burst_spreads_and_cancelled_requests_release_their_workers():
+    """Guards against the router counting a request against its workers only once its task
+    first runs (a burst picked in one go all saw the same loads and went to one worker) and
+    against a request cancelled before its task started never giving its count back."""
+    import asyncio
+
+    from serve.router import RouterBackend
+    from toolkit.engine.request import SamplingParams
+    from toolkit.models.random_init import byte_tokenizer
+
+    async def burst():
+        rb = RouterBackend(byte_tokenizer(), "m", 64, ["http://p"], ["http://d0", "http://d1"], policy="least_loaded")
+        for w in (*rb.workers["prefill"], *rb.workers["decode"]):
+            w.healthy, w.control = True, "tcp://x"
+        for i in range(4):
+            await rb.start([1, 2, 3], SamplingParams(), f"r{i}")
+        counts = [w.in_flight for w in rb.workers["decode"]]
+        for i in range(4):
+            await rb.abort(f"r{i}")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return counts, [w.in_flight for w in (*rb.workers["prefill"], *rb.workers["decode"])], rb._tasks
+
+    counts, after, tasks = asyncio.run(burst())
+    assert counts == [2, 2] and after == [0, 0, 0] and not tasks
