@@ -91,11 +91,14 @@ class CacheManager:
         """Give pages back (and drop cache locks) now, or once the step in flight, which
         may still touch them, is collected."""
         if self.inflight_step is None:
-            self._alloc.free(list(pages))
-            for node in unlock:
-                self.cache.unlock(node)
+            self._release_now(pages, unlock)
         elif pages or unlock:
             self._deferred.append((self.inflight_step, list(pages), list(unlock)))
+
+    def _release_now(self, pages: Seq[int], unlock: Seq[Node]) -> None:
+        self._alloc.free(list(pages))
+        for node in unlock:
+            self.cache.unlock(node)
 
     def has_deferred_page(self) -> bool:
         return any(pages for _, pages, _ in self._deferred)
@@ -117,14 +120,20 @@ class CacheManager:
         keep = []
         for sid, pages, nodes in self._deferred:
             if sid <= step_id:
-                self._alloc.free(pages)
-                for node in nodes:
-                    self.cache.unlock(node)
+                self._release_now(pages, nodes)
             else:
                 keep.append((sid, pages, nodes))
         self._deferred = keep
 
     # ---- the prefix cache ---------------------------------------------------------
+
+    @property
+    def has_cache(self) -> bool:
+        return self.cache is not None
+
+    def describe(self, max_lines: int = 40) -> list[str]:
+        """The prefix cache's tree as text lines ([] without a cache)."""
+        return self.cache.describe(max_lines) if self.cache is not None else []
 
     def match(self, tokens: Seq[int]) -> tuple[Optional[Node], list[int]]:
         """The cached pages of the longest whole-page prefix of ``tokens``, locked (release

@@ -229,7 +229,7 @@ class Engine:
 
     def describe_prefix_cache(self, max_lines: int = 40) -> list[str]:
         """The prefix cache's tree as text lines ([] without a cache)."""
-        return self.kv.cache.describe(max_lines) if self.kv.cache is not None else []
+        return self.kv.describe(max_lines)
 
     def check_pages(self) -> None:
         """Raise AssertionError unless every usable page is in exactly one place: free, in

@@ -128,7 +128,7 @@ class Scheduler:
         prompt's whole pages into the prefix cache (a step launched later reads them after
         this one wrote them: one device, one stream), so requests sharing the prefix reuse
         it while this one still decodes."""
-        if self.cache.cache is None or batch.is_decode:
+        if not self.cache.has_cache or batch.is_decode:
             return
         for s in batch.seqs:
             if s.num_computed >= len(s.prompt_ids) and s.status is Status.RUNNING:
