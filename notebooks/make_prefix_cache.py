@@ -23,8 +23,8 @@ from toolkit.models.loader import load_checkpoint
 cfg = load_config(["transfer=inproc", "engine.num_pages=512", "engine.chunk_size=64"])
 ckpt = load_checkpoint(cfg.model)
 dtype = resolve_dtype(cfg.model.dtype)
-plain = PDPair(ckpt, cfg.engine, cfg.transfer, dtype)
-radix = CacheConfig(policy="radix")
+none, radix = CacheConfig(policy="none"), CacheConfig(policy="radix")  # (radix: the default)
+plain = PDPair(ckpt, cfg.engine, cfg.transfer, dtype, prefill_cache=none, decode_cache=none)
 cached = PDPair(ckpt, cfg.engine, cfg.transfer, dtype, prefill_cache=radix, decode_cache=radix)
 tok = cached.decode.engine.tokenizer
 S = cfg.engine.page_size

@@ -15,6 +15,8 @@ class Metrics:
         self.queue = Gauge("queue_length", "requests admitted but not yet producing tokens", registry=r)
         self.running = Gauge("running_requests", "requests producing tokens", registry=r)
         self.pages = Gauge("kv_pages_in_use", "KV pages allocated", registry=r)
+        self.engine_running = Gauge("engine_running_requests", "requests in the engine's running batch "
+                                    "(on a decode worker: the decode batch)", registry=r)
         self.ttft = Histogram("time_to_first_token_seconds", "TTFT", buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("inter_token_latency_seconds", "time between streamed tokens",
                              buckets=LATENCY_BUCKETS, registry=r)
@@ -35,6 +37,10 @@ class Metrics:
         self.cache_pages = Gauge("prefix_cache_pages", "KV pages in the prefix cache's tree", registry=r)
         self.cache_evictable = Gauge("prefix_cache_evictable_pages", "cached pages no request holds", registry=r)
         self.cache_locked = Gauge("prefix_cache_locked_pages", "cached pages requests hold", registry=r)
+        self.cache_evicted = Gauge("prefix_cache_evicted_pages", "cached pages evicted to make room, so far",
+                                   registry=r)
+        self.pages_held = Gauge("kv_pages_held", "pages of failed transfers held until the peer cannot "
+                                "write them", registry=r)
         self.step_loaded = Gauge("step_executables_loaded",
                                  "step shapes warm-up loaded serialized (not traced, lowered or compiled)",
                                  registry=r)
@@ -42,6 +48,7 @@ class Metrics:
     def set_engine(self, stats) -> None:
         """The gauges an engine's ``EngineStats`` feeds (every role has one)."""
         self.pages.set(stats.pages_used)
+        self.engine_running.set(stats.running)
         self.compilations.set(stats.num_compilations)
         self.compile_seconds.set(stats.compile_seconds)
         self.step_shapes.set(stats.max_compilations)
@@ -53,6 +60,8 @@ class Metrics:
         self.cache_pages.set(stats.pages_cached)
         self.cache_evictable.set(stats.pages_evictable)
         self.cache_locked.set(stats.pages_cached - stats.pages_evictable)
+        self.cache_evicted.set(stats.pages_evicted)
+        self.pages_held.set(stats.pages_held)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

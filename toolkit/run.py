@@ -38,7 +38,8 @@ def pd_job(cfg) -> None:
     from toolkit.models.loader import load_checkpoint
 
     validate(cfg)
-    pair = PDPair(load_checkpoint(cfg.model), cfg.engine, cfg.transfer, resolve_dtype(cfg.model.dtype))
+    pair = PDPair(load_checkpoint(cfg.model), cfg.engine, cfg.transfer, resolve_dtype(cfg.model.dtype),
+                  prefill_cache=cfg.cache, decode_cache=cfg.cache)
     eng = pair.decode.engine
     prompt = eng.chat_prompt(cfg.prompt, cfg.system) if cfg.chat else cfg.prompt
     t0 = time.perf_counter()

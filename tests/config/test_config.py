@@ -66,22 +66,21 @@ def test_bad_role_cache_transfer(no_alloc):
             validate(cfg)
 
 
-def test_radix_cache_with_disagg_in_one_process_is_refused_at_start(no_alloc):
-    """Guards against cache=radix being accepted with disagg=true (both roles in one
-    process, toolkit/run.py), which builds its engines without a prefix cache: a user would
-    believe caching is on. Every server role takes it."""
+def test_radix_is_the_default_and_every_role_takes_it(no_alloc):
+    """Guards against the prefix cache being off by default, or refused on a role (or with
+    disagg=true, both roles in one process: toolkit/run.py gives each engine the cache)."""
     from omegaconf import OmegaConf
 
     from toolkit.config.schema import RunConfig
     from toolkit.config.validate import validate
 
+    assert RunConfig().cache.policy == "radix"
     cfg = OmegaConf.structured(RunConfig(model=TINY_MODEL, engine=engine_cfg()))
-    cfg.cache.policy, cfg.transfer.backend = "radix", "inproc"
+    cfg.transfer.backend = "inproc"
     OmegaConf.set_struct(cfg, False)
     cfg.disagg = True
-    with pytest.raises(ConfigError, match="cache.policy=radix .*disagg=true"):
-        validate(cfg)
+    validate(cfg)
     for role in ("unified", "prefill", "decode"):
         c = RunConfig(model=TINY_MODEL, engine=engine_cfg())
-        c.role.name, c.cache.policy, c.transfer.backend = role, "radix", "nixl" if role != "unified" else "none"
+        c.role.name, c.transfer.backend = role, "nixl" if role != "unified" else "none"
         validate(c)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from toolkit.disagg.control import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_ENGINE = ["model=tiny-random", "engine.page_size=4", "engine.chunk_size=16", "engine.num_pages=256",
                "engine.max_batch_size=16", "engine.max_prefill_seqs=4", "engine.max_model_len=512",
                "engine.min_bucket=4", "engine.attention_backend=reference"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Worker:

@@ -96,3 +96,26 @@ def test_lock_balance_on_success_and_failure_then_twenty_turns(tiny_ckpt, make_p
         history += got.token_ids
         settle()
     assert dec.stats().cached_tokens > 20 * 8
+
+
+def test_eviction_under_pressure_through_pd(tiny_ckpt, make_engine, make_pair):
+    """Guards against eviction on either side handing out a page a transfer or a request
+    still uses (a reserved page evicted, a prefix page freed while locked), and against a
+    full decode pool hanging instead of evicting or waiting: both pools far smaller than
+    the working set, both caches on, 8 conversations x 4 turns, checksum on; every answer
+    equals the unified engine without a cache, decode's pages accounted after every tick."""
+    system, convs = conversations(8, 4, seed=5)
+    pair = make_pair(tiny_ckpt, tcfg_kw=dict(checksum=True), prefill_cache="radix", decode_cache="radix",
+                     num_pages=48)
+    ref = make_engine(tiny_ckpt, page_size=S, chunk_size=16)
+    tick = pair.step
+
+    def checked_step():
+        tick()
+        pair.decode.engine.check_pages()
+
+    pair.step = checked_step
+    pd_turns(pair, ref, system, convs, lambda: pages_moved(pair))
+    for w in (pair.prefill, pair.decode):
+        st = w.engine.stats()
+        assert st.cached_tokens > 0 and st.pages_evicted > 0, (w.role, st)

@@ -83,6 +83,7 @@ def test_eviction_under_pressure_equals_no_cache(tiny_ckpt, make_engine):
     got = run_turns(eng, system, convs)
     assert [[o for o, _ in turn] for turn in got] == [[o for o, _ in turn] for turn in ref]
     assert any(c > 0 for turn in got[1:] for _, c in turn)
+    assert eng.stats().pages_evicted > 0
 
 
 def test_preempted_request_recomputes_from_its_cached_pages(tiny_ckpt, make_engine):

@@ -152,14 +152,15 @@ def test_load_generator_reports_every_request(server, workload):
 
 
 def test_prefix_cache_reports_cached_tokens_and_changes_no_answer(server, client):
-    """Guards against cache=radix answering differently from cache=none on a multi-turn
-    chat, against usage.prompt_tokens_details.cached_tokens missing or always 0 (streamed
-    or not), and against /metrics not showing the cache."""
+    """Guards against the default server (cache=radix) answering differently from cache=none
+    on a multi-turn chat, against usage.prompt_tokens_details.cached_tokens missing or
+    always 0 (streamed or not), and against /metrics not showing the cache."""
     from serve.metrics import unlabelled_samples
 
-    cached = Worker("unified", ["cache=radix"])
+    plain = Worker("unified", ["cache=none"])
+    cached, cclient = server, client
+    client = OpenAI(base_url=plain.url + "/v1", api_key="unused", max_retries=0)
     try:
-        cclient = OpenAI(base_url=cached.url + "/v1", api_key="unused", max_retries=0)
         msgs = [{"role": "system", "content": "You are a terse assistant who answers in a few words."}]
         seen = []
         for turn, user in enumerate(["Name a colour.", "And a fruit?", "And a river?"]):
@@ -183,4 +184,4 @@ def test_prefix_cache_reports_cached_tokens_and_changes_no_answer(server, client
         assert m["prefix_cache_hit_tokens"] > 0 and m["prefix_cache_pages"] > 0
         assert m["prefix_cache_locked_pages"] == 0
     finally:
-        cached.stop()
+        plain.stop()

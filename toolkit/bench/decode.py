@@ -39,7 +39,7 @@ from tqdm import tqdm
 from toolkit.bench import config, core
 from toolkit.cache.allocator import pages_for
 from toolkit.cli import hydra_main
-from toolkit.config.schema import EngineConfig
+from toolkit.config.schema import CacheConfig, EngineConfig
 from toolkit.config.validate import ConfigError
 from toolkit.engine.engine import Engine
 from toolkit.engine.probe import StepProbe
@@ -131,7 +131,9 @@ def make_engine(ckpt: Checkpoint, b: config.DecodeBench, backend: str, overlap: 
                         memory_fraction=0.0, max_batch_size=maxB, chunk_size=min(8192, maxB * ctx),
                         max_prefill_seqs=16, max_model_len=ctx + most_new + 16, min_bucket=1,
                         attention_backend=backend, overlap_schedule=overlap)
-    return Engine(ckpt, ecfg, dtype)
+    # no prefix cache: sequences sharing cached pages would read the same KV, and the step
+    # time would not be the roofline's (every sequence reads its own context)
+    return Engine(ckpt, ecfg, dtype, cache=CacheConfig(policy="none"))
 
 
 def timed_steps(eng: Engine, probe: StepProbe, steps: int, profile: str = "") -> list[float]:

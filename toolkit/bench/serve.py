@@ -13,7 +13,8 @@ first token, the gaps between streamed chunks and end-to-end latency, then print
 ITL is the gap between chunks a client sees; a chunk can carry several tokens (servers
 send none for a token that decodes to no text yet, such as part of a UTF-8 character), so
 TPOT -- (E2E - TTFT) / (output tokens - 1), from the final ``usage`` -- is the per-token
-time to set beside an engine's decode step.
+time to set beside an engine's decode step. ``cached_fraction`` is the prompt tokens the
+server's prefix caches served (``usage.prompt_tokens_details.cached_tokens``) over all.
 Needs only the endpoint: no model config, nothing loaded here.
 """
 
@@ -37,7 +38,7 @@ from toolkit.config.validate import ConfigError
 
 config.register()
 COLS = ["workload", "concurrency", "requests", "failed", "req_per_s", "output_tok_per_s", "ttft_p50_ms",
-        "ttft_p99_ms", "tpot_avg_ms", "itl_avg_ms", "itl_p99_ms", "e2e_p50_ms"]
+        "ttft_p99_ms", "tpot_avg_ms", "itl_avg_ms", "itl_p99_ms", "e2e_p50_ms", "cached_fraction"]
 
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case "
@@ -51,6 +52,8 @@ class Result:
     itls: list[float] = dataclasses.field(default_factory=list)
     e2e: float = 0.0
     out_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens: the prefix caches' hits
     error: str = ""
 
     @property
@@ -131,7 +134,9 @@ async def _one(client: httpx.AsyncClient, cfg, model: str, messages: list[dict])
                         res.itls.append(now - last)
                     last = now
                 if ev.get("usage"):
-                    res.out_tokens = ev["usage"]["completion_tokens"]
+                    u = ev["usage"]
+                    res.out_tokens, res.prompt_tokens = u["completion_tokens"], u.get("prompt_tokens", 0)
+                    res.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         res.ok, res.e2e = True, time.perf_counter() - t0
     except httpx.HTTPError as e:
         res.error = repr(e)
@@ -171,6 +176,7 @@ def summarize(results: list[Result], wall: float, cfg: config.ServeBench) -> dic
             "tpot_avg_ms": float(np.mean(tpots)) * 1e3 if tpots else float("nan"),
             "itl_avg_ms": float(np.mean(itls)) * 1e3 if itls else float("nan"), "itl_p99_ms": pct(itls, 99),
             "e2e_p50_ms": pct([r.e2e for r in ok], 50),
+            "cached_fraction": sum(r.cached_tokens for r in ok) / max(1, sum(r.prompt_tokens for r in ok)),
             "errors": sorted({r.error for r in results if not r.ok})[:5]}
 
 

@@ -5,9 +5,12 @@ Every page of the pool but the padding page is, at any moment, in exactly one of
 - **free**: in the allocator;
 - **cached**: in the prefix cache's tree (locked while a request uses it, else evictable);
 - **live**: held by a request (its pages past what the tree holds), or reserved for a
-  transfer another worker writes;
+  transfer another worker writes (``reserve``, keyed by its owner);
 - **deferred**: released while a step in flight may still write it; back to the
-  allocator once that step is collected (``step_done``).
+  allocator once that step is collected (``step_done``);
+- **held**: a reservation whose transfer failed while the peer may still be writing into
+  it; back once the peer confirms nothing is in flight (``end_hold``) or the hold's
+  deadline passes (``expire_holds``: a dead peer never writes again).
 
 The scheduler and the P/D roles ask this manager for pages (``can_allocate``/``allocate``:
 eviction from the tree happens here, when the allocator alone falls short) and give them
@@ -20,7 +23,8 @@ in flight is collected: until then that step may still read them.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence as Seq
+import time
+from typing import Hashable, Optional, Sequence as Seq
 
 from toolkit.cache.allocator import PageAllocator
 from toolkit.cache.radix import Node, PrefixCache, RadixCache
@@ -43,6 +47,9 @@ class CacheManager:
         self.inflight_step: Optional[int] = None  # newest launched step whose results are unread
         # (step it waits for, pages to free, cache nodes to unlock)
         self._deferred: list[tuple[int, list[int], list[Node]]] = []
+        self._reserved: dict[Hashable, list[int]] = {}  # owner -> pages another worker writes
+        self._held: dict[Hashable, tuple[float, list[int]]] = {}  # owner -> (deadline, pages)
+        self.num_evicted = 0  # cached pages evicted to satisfy an allocation, so far
 
     # ---- counts -------------------------------------------------------------------
 
@@ -64,8 +71,13 @@ class CacheManager:
         return self.cache.num_evictable if self.cache is not None else 0
 
     @property
+    def num_held(self) -> int:
+        """Pages of failed transfers' reservations, waiting until no write can land."""
+        return sum(len(p) for _, p in self._held.values())
+
+    @property
     def num_used(self) -> int:
-        """Pages held by requests, reservations or deferred releases (not the cache's)."""
+        """Pages held by requests, reservations, holds or deferred releases (not the cache's)."""
         return self.num_usable - self.num_free - self.num_cached
 
     def all_free(self) -> bool:
@@ -85,6 +97,7 @@ class CacheManager:
         short = n - self.num_free
         if short > 0:
             self._alloc.free(self.cache.evict(short))
+            self.num_evicted += short
         return self._alloc.allocate(n)
 
     def free(self, pages: Seq[int], unlock: Seq[Node] = ()) -> None:
@@ -124,6 +137,53 @@ class CacheManager:
             else:
                 keep.append((sid, pages, nodes))
         self._deferred = keep
+
+    # ---- pages another worker writes (the P/D decode role) ------------------------
+
+    def reserve(self, owner: Hashable, n: int) -> list[int]:
+        """``n`` pages (``can_allocate`` first) for a transfer into this pool, recorded under
+        ``owner`` until ``claim`` (a request takes them) or ``unreserve``."""
+        assert owner not in self._reserved and owner not in self._held, f"{owner!r} already holds pages"
+        pages = self.allocate(n)
+        self._reserved[owner] = pages
+        return list(pages)
+
+    def claim(self, owner: Hashable) -> list[int]:
+        """The transfer into ``owner``'s reservation ended well: its pages are a request's
+        now (freed with the request). Returns them ([] if ``owner`` reserved nothing)."""
+        return self._reserved.pop(owner, [])
+
+    def unreserve(self, owner: Hashable, hold_s: float = 0.0) -> None:
+        """The transfer into ``owner``'s reservation will not be used. ``hold_s`` > 0: the
+        peer may still be writing, so the pages stay out of the allocator until
+        ``end_hold(owner)`` or ``hold_s`` seconds pass; 0: nothing can write them, free now
+        (or once the step in flight is collected)."""
+        pages = self._reserved.pop(owner, [])
+        if hold_s > 0 and pages:
+            self._held[owner] = (time.perf_counter() + hold_s, pages)
+        else:
+            self.free(pages)
+
+    def holds(self, owner: Hashable) -> bool:
+        return owner in self._reserved or owner in self._held
+
+    def end_hold(self, owner: Hashable) -> bool:
+        """The peer confirmed no write into ``owner``'s held pages is in flight: free them.
+        False when ``owner`` holds none (it expired, or never failed)."""
+        held = self._held.pop(owner, None)
+        if held is not None:
+            self.free(held[1])
+        return held is not None
+
+    def expire_holds(self, now: float | None = None) -> int:
+        """Free the holds whose deadline passed; returns how many pages."""
+        now = time.perf_counter() if now is None else now
+        done = [o for o, (deadline, _) in self._held.items() if deadline <= now]
+        n = 0
+        for o in done:
+            n += len(self._held[o][1])
+            self.end_hold(o)
+        return n
 
     # ---- the prefix cache ---------------------------------------------------------
 
@@ -184,18 +244,21 @@ class CacheManager:
         return len(pages)
 
     def check(self, live: Seq[Seq[int]] = ()) -> None:
-        """Integrity: tree + free + deferred + live (the request page lists' pages the tree
-        does not hold) are the usable pages, each once; the tree's own invariants hold."""
+        """Integrity: tree + free + deferred + held + live (the request page lists' pages the
+        tree does not hold, and reservations) are the usable pages, each once; the tree's own
+        invariants hold."""
         tree: list[int] = []
         if self.cache is not None:
             self.cache.check()
             tree = self.cache.pages()
         in_tree = set(tree)
         owned = [p for pages in live for p in pages if p not in in_tree]
+        owned += [p for pages in self._reserved.values() for p in pages]
         deferred = [p for _, pages, _ in self._deferred for p in pages]
-        everything = tree + owned + deferred + list(self._alloc._free)
+        held = [p for _, pages in self._held.values() for p in pages]
+        everything = tree + owned + deferred + held + list(self._alloc._free)
         assert len(everything) == len(set(everything)), "a page in two places"
         assert len(everything) == self.num_usable, (
             f"{self.num_usable} usable pages, accounted {len(everything)}: tree {len(tree)}, "
-            f"live {len(owned)}, deferred {len(deferred)}, free {self.num_free}")
+            f"live {len(owned)}, deferred {len(deferred)}, held {len(held)}, free {self.num_free}")
 

@@ -128,7 +128,7 @@ class RoleConfig:
 
 @dataclasses.dataclass
 class CacheConfig:
-    policy: str = "none"  # prefix-cache policy: none | radix (toolkit/cache/policies.py)
+    policy: str = "radix"  # prefix-cache policy: radix (the default on every role) | none (toolkit/cache/policies.py)
 
 
 @dataclasses.dataclass

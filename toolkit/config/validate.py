@@ -89,11 +89,9 @@ def validate(cfg) -> None:
     validate_engine(cfg.engine)
     _one_of("role.name", cfg.role.name, ROLES)
     validate_cache(cfg.cache)
-    _need(cfg.role.name in POLICY_ROLES[cfg.cache.policy]
-          and not (getattr(cfg, "disagg", False) and cfg.cache.policy != "none"),
+    _need(cfg.role.name in POLICY_ROLES[cfg.cache.policy],
           f"cache.policy={cfg.cache.policy} runs on role={' or '.join(POLICY_ROLES[cfg.cache.policy])} "
-          f"(not yet on role={cfg.role.name}{' with disagg=true' if getattr(cfg, 'disagg', False) else ''}); "
-          "use cache=none there")
+          f"(not yet on role={cfg.role.name}); use cache=none there")
     _one_of("transfer.backend", cfg.transfer.backend, TRANSFER_BACKENDS)
     validate_pd(cfg.role, cfg.transfer, getattr(cfg, "disagg", False))
 

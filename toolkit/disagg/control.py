@@ -18,10 +18,15 @@ from typing import Any
 import zmq
 
 
-def free_tcp_address(host: str = "127.0.0.1") -> str:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (a server started next may take it)."""
     with socket.socket() as s:
         s.bind((host, 0))
-        return f"tcp://{host}:{s.getsockname()[1]}"
+        return s.getsockname()[1]
+
+
+def free_tcp_address(host: str = "127.0.0.1") -> str:
+    return f"tcp://{host}:{free_port(host)}"
 
 
 class ControlChannel:

@@ -5,8 +5,9 @@ slot, send the ``RoomMeta`` (Bootstrapping -> WaitingForInput), count the
 transfer notifications (Transferring), and when the last one and every
 earlier one have arrived read the aux record, check its room id (and
 checksum), and admit the request into the running decode batch with its first
-token (Success). On failure or timeout the pages are freed, but only once
-nothing can still be writing into them.
+token (Success). On failure or timeout the pages (and the aux slot) are freed, but
+only once nothing can still be writing into them: the engine's page manager holds them
+until prefill confirms ``released`` or ``transfer.quarantine_s`` passes.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ class DecodeWorker(WorkerBase):
         self._handshaken: set[str] = set()
         self._peer_errors: dict[str, str] = {}
         self._pending: list[Room] = []  # Bootstrapping: waiting for pages / aux slot
-        # pages of failed rooms that prefill might still be writing: (deadline, room, pages)
-        self._quarantine: list[tuple[float, Room]] = []
+        # (a failed room's pages that prefill might still be writing are held by the engine's
+        # page manager until prefill says "released" or transfer.quarantine_s passes)
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -100,7 +101,7 @@ class DecodeWorker(WorkerBase):
             self._pending.pop(0)
             r.prefix_node, r.prefix_pages = node, prefix
             r.seq.num_cached = len(prefix) * S
-            r.pages, r.aux_slot = self.engine.reserve_pages(need), self.aux.allocate()
+            r.pages, r.aux_slot = self.engine.reserve_pages(r.room, need), self.aux.allocate()
             r.meta = RoomMeta(r.room, list(r.pages), r.aux_slot, [], len(prefix) * S)
             self.control.send(r.peer_addr, r.meta.to_msg())
             log.debug("room %d: sent metadata (%d pages, aux slot %d)", r.room, need, r.aux_slot)
@@ -125,12 +126,9 @@ class DecodeWorker(WorkerBase):
             if r is not None and not r.state.done:
                 # prefill sends "failed" only when none of its writes is in flight
                 self._fail(r, f"prefill failed the request: {m['error']}", tell_peer=False, quarantine=False)
-        elif kind == "released":
-            for i, (_, r) in enumerate(self._quarantine):
-                if r.room == m["room"]:
-                    self._quarantine.pop(i)
-                    self._free(r)
-                    break
+        elif kind == "released":  # no write into the failed room's pages is in flight
+            self.engine.end_hold(m["room"])
+            self.aux.end_hold(m["room"])
 
     def _on_notif(self, raw: bytes) -> None:
         parsed = parse_notif(raw)
@@ -169,7 +167,8 @@ class DecodeWorker(WorkerBase):
         r.set(RoomState.SUCCESS)
         seq, pages, r.pages = r.seq, r.prefix_pages + r.pages, []
         node, r.prefix_node, r.prefix_pages = r.prefix_node, None, []
-        self.engine.add_prefilled(seq, pages, int(rec["token"]), float(rec["logprob"]), prefix_node=node)
+        self.engine.add_prefilled(seq, pages, int(rec["token"]), float(rec["logprob"]), prefix_node=node,
+                                  reservation=r.room)
         if seq.is_finished:  # max_new_tokens == 1 or a stop token: the aux record was the answer
             self._finished(seq)
 
@@ -181,8 +180,8 @@ class DecodeWorker(WorkerBase):
                         else f"prefill did not deliver the KV within transfer.wait_timeout_s="
                              f"{self.tcfg.wait_timeout_s}")
                 self._fail(r, f"{r.state.value} timed out: {what}")
-        while self._quarantine and self._quarantine[0][0] < now:
-            self._free(self._quarantine.pop(0)[1])
+        self.engine.expire_holds()
+        self.aux.expire_holds()
 
     def _fail(self, r: Room, error: str, tell_peer: bool = True, quarantine: bool = True) -> None:
         """End a room that has not succeeded. Its pages may still be a WRITE target unless
@@ -196,22 +195,20 @@ class DecodeWorker(WorkerBase):
             r.prefix_node, r.prefix_pages = None, []
         if tell_peer and was_waiting:
             self.control.send(r.peer_addr, {"type": "abort", "room": r.room, "error": error})
-        if quarantine and was_waiting and r.pages:
-            self._quarantine.append((time.perf_counter() + self.tcfg.quarantine_s, r))
-        else:
-            self._free(r)
-
-    def _free(self, r: Room) -> None:
+        hold_s = self.tcfg.quarantine_s if quarantine and was_waiting else 0.0
         if r.pages:
-            self.engine.free_pages(r.pages)
+            self.engine.release_reserved(r.room, hold_s)
             r.pages = []
-        if r.aux_slot is not None:
-            self.aux.free(r.aux_slot)
+        if r.aux_slot is not None:  # the last chunk's transfer writes it: held like the pages
+            if hold_s > 0:
+                self.aux.hold(r.room, r.aux_slot, hold_s)
+            else:
+                self.aux.free(r.aux_slot)
             r.aux_slot = None
 
     def _holds(self, r: Room) -> bool:
-        return bool(r.pages) or any(q is r for _, q in self._quarantine) or (
+        return self.engine.holds_pages(r.room) or self.aux.holds(r.room) or (
             r.state is RoomState.SUCCESS and r.seq is not None and not r.seq.is_finished)
 
     def idle(self) -> bool:
-        return super().idle() and not self._quarantine
+        return super().idle() and self.engine.stats().pages_held == 0 and self.aux.num_held == 0

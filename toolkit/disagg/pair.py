@@ -52,8 +52,9 @@ class PDPair:
     def __init__(self, ckpt, ecfg: EngineConfig, tcfg: TransferConfig, dtype=None,
                  decode_ecfg: EngineConfig | None = None, prefill_cache: CacheConfig | None = None,
                  decode_cache: CacheConfig | None = None):
-        """prefill_cache, decode_cache: each engine's prefix cache (``cache.policy``; none by
-        default). With decode's, a turn asks prefill only for the pages decode lacks."""
+        """prefill_cache, decode_cache: each engine's prefix cache (``cache.policy``; radix,
+        ``CacheConfig``'s default, when not given). With decode's, a turn asks prefill only
+        for the pages decode lacks."""
         import jax.numpy as jnp
 
         dtype = dtype or jnp.float32

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -32,15 +33,40 @@ AUX_DTYPE = np.dtype([("room", "<i8"), ("token", "<i4"), ("logprob", "<f4"), ("c
 
 
 class AuxBuffer:
-    """Host records, one slot per in-flight room; slot allocation is the caller's (a free list)."""
+    """Host records, one slot per in-flight room, and the manager of those slots: a free
+    list, and holds for the slots of failed rooms the peer may still write (the last
+    chunk carries the aux record), like the page manager's (``CacheManager.unreserve``)."""
 
     def __init__(self, num_slots: int):
         self.records = np.zeros(num_slots, AUX_DTYPE)
         self._free = list(range(num_slots - 1, -1, -1))
+        self._held: dict = {}  # owner -> (deadline, slot)
 
     @property
     def num_free(self) -> int:
         return len(self._free)
+
+    @property
+    def num_held(self) -> int:
+        return len(self._held)
+
+    def hold(self, owner, slot: int, hold_s: float) -> None:
+        """Keep ``slot`` out of use until ``end_hold(owner)`` or ``hold_s`` seconds pass."""
+        assert owner not in self._held, f"{owner!r} already holds an aux slot"
+        self._held[owner] = (time.perf_counter() + hold_s, slot)
+
+    def holds(self, owner) -> bool:
+        return owner in self._held
+
+    def end_hold(self, owner) -> None:
+        held = self._held.pop(owner, None)
+        if held is not None:
+            self.free(held[1])
+
+    def expire_holds(self) -> None:
+        now = time.perf_counter()
+        for owner in [o for o, (deadline, _) in self._held.items() if deadline <= now]:
+            self.end_hold(owner)
 
     def allocate(self) -> int:
         assert self._free, "no free aux slot"

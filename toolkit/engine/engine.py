@@ -65,11 +65,13 @@ class EngineStats:
 
     waiting: int  # requests queued, not yet admitted (or preempted)
     running: int  # requests admitted: prefilling or decoding
-    pages_used: int  # KV pages held by requests (or reserved for a P/D transfer)
+    pages_used: int  # KV pages held by requests (or reserved for a P/D transfer) ...
+    pages_held: int  # ... of which: a failed transfer's, until the peer can no longer write them
     pages_free: int
     pages_usable: int  # the pool's pages but the padding page
     pages_cached: int  # in the prefix cache (neither used nor free) ...
     pages_evictable: int  # ... of which no request holds these
+    pages_evicted: int  # cached pages evicted to make room, so far
     cached_tokens: int  # prompt tokens served from the prefix cache so far
     num_preemptions: int
     num_compilations: int  # executables of the jitted step so far
@@ -103,15 +105,15 @@ class Engine:
     """The engine's public API is what drivers use: requests (``add_request``, ``abort``,
     ``add_prefilled``), the step (``step``, ``sync``), ``stats``, and for transfer
     backends the KV pool (``pool``, ``wait_for_kv``, ``read_pages``) and its pages
-    (``can_reserve``/``reserve_pages``, ``free_pages``). A request leaves the engine's
+    (``can_reserve``/``reserve_pages``, ``release_reserved``). A request leaves the engine's
     table when it finishes; its ``Sequence`` object keeps the result."""
 
     def __init__(self, ckpt: Checkpoint, ecfg: EngineConfig, dtype=jnp.float32,
                  keep_pages_on_finish: bool = False, cache: CacheConfig | None = None,
                  prefill_only: bool = False):
-        """keep_pages_on_finish: finished requests keep their pages until ``free_pages``
+        """keep_pages_on_finish: finished requests keep their pages until ``release_pages``
         (the prefill role frees them once the KV transfer that reads them is done).
-        cache: the prefix-cache policy (``cache.policy``; only ``none`` exists yet).
+        cache: the prefix-cache policy (``cache.policy``: ``none`` or ``radix``).
         prefill_only: every request samples one token (the prefill role), so no decode step
         ever runs and the bucket set has no decode shapes to compile."""
         V.validate_engine(ecfg)
@@ -193,7 +195,7 @@ class Engine:
             raise ValueError(f"request needs up to {need} pages; the pool has {self.kv.num_usable}")
 
     def abort(self, request_id: str) -> Sequence | None:
-        """Stop a request; its pages are freed unless keep_pages_on_finish (then: free_pages).
+        """Stop a request; its pages are freed unless keep_pages_on_finish (then: release_pages).
         Returns the request it stopped, or None if none by that id is unfinished."""
         seq = self.seqs.get(request_id)
         if seq is None or seq.is_finished:
@@ -209,18 +211,33 @@ class Engine:
         self.kv.release(seq.token_ids[:seq.num_computed], seq.pages, seq.cache_node, keep=keep)
         seq.pages, seq.cache_node = [], None
 
-    def free_pages(self, pages: list[int]) -> None:
-        """Give pages back: a finished request's (keep_pages_on_finish) or reserved ones.
-        Pages a step in flight may still write return once that step is read."""
-        self.scheduler.free(pages)
-
-    # Pages for a request whose KV another worker writes (P/D decode side). Predicate and
-    # mutator: reserve only what ``can_reserve`` allows.
+    # Pages for a request whose KV another worker writes (P/D decode side), recorded under
+    # an owner (the room). Predicate and mutator: reserve only what ``can_reserve`` allows.
     def can_reserve(self, num_pages: int) -> bool:
         return self.kv.can_allocate(num_pages)
 
-    def reserve_pages(self, num_pages: int) -> list[int]:
-        return self.kv.allocate(num_pages)
+    def reserve_pages(self, owner, num_pages: int) -> list[int]:
+        """Pages a transfer will write; they pass to the request in ``add_prefilled``
+        (``reservation=owner``) or come back with ``release_reserved``."""
+        return self.kv.reserve(owner, num_pages)
+
+    def release_reserved(self, owner, hold_s: float = 0.0) -> None:
+        """The transfer into ``owner``'s pages will not be used. ``hold_s`` > 0 when the peer
+        may still be writing: the pages stay out of use until ``end_hold(owner)`` or the
+        time passes (``expire_holds``)."""
+        self.kv.unreserve(owner, hold_s)
+
+    def end_hold(self, owner) -> bool:
+        """The peer confirmed no write into ``owner``'s held pages is in flight: free them."""
+        return self.kv.end_hold(owner)
+
+    def expire_holds(self) -> int:
+        """Free the held pages whose time passed (a dead peer never writes); returns how many."""
+        return self.kv.expire_holds()
+
+    def holds_pages(self, owner) -> bool:
+        """``owner`` still has pages reserved or held."""
+        return self.kv.holds(owner)
 
     def flush_cache(self) -> int:
         """Evict every cached page no request holds back to the allocator (tests check the
@@ -233,7 +250,8 @@ class Engine:
 
     def check_pages(self) -> None:
         """Raise AssertionError unless every usable page is in exactly one place: free, in
-        the prefix cache, a request's, or waiting for the step in flight."""
+        the prefix cache, a request's, reserved for a transfer, held after a failed one, or
+        waiting for the step in flight."""
         self.kv.check([s.pages for s in self.seqs.values()])
 
     # The decode role's prefix cache: match a prompt before reserving pages for the rest.
@@ -248,11 +266,13 @@ class Engine:
         self.kv.unlock_now(node)
 
     def add_prefilled(self, seq: Sequence, pages: list[int], token: int, logprob: float,
-                      prefix_node: object = None) -> None:
+                      prefix_node: object = None, reservation=None) -> None:
         """Admit a request whose prompt KV is already in ``pages`` (a cached prefix from
-        ``match_prefix``, whose lock ``prefix_node`` passes to the request, then pages
-        reserved here and written by a prefill worker) together with its first token; it
-        then decodes like any other. The engine owns the pages from now on."""
+        ``match_prefix``, whose lock ``prefix_node`` passes to the request, then the pages
+        ``reservation`` holds, written by a prefill worker) together with its first token;
+        it then decodes like any other. The request owns the pages from now on."""
+        claimed = self.kv.claim(reservation) if reservation is not None else []
+        assert pages[len(pages) - len(claimed):] == claimed, "pages do not end with the reservation"
         seq.pages, seq.num_computed, seq.cache_node = list(pages), seq.num_tokens, prefix_node
         self.scheduler.num_cached_tokens += seq.num_cached  # (the decode role sets it at match)
         self.seqs[seq.request_id] = seq
@@ -273,8 +293,10 @@ class Engine:
     def stats(self) -> EngineStats:
         a, s, r = self.kv, self.scheduler, self.runner
         return EngineStats(waiting=len(s.waiting), running=len(s.running), pages_used=a.num_used,
+                           pages_held=a.num_held,
                            pages_free=a.num_free, pages_usable=a.num_usable, pages_cached=a.num_cached,
-                           pages_evictable=a.num_evictable, cached_tokens=s.num_cached_tokens,
+                           pages_evictable=a.num_evictable, pages_evicted=a.num_evicted,
+                           cached_tokens=s.num_cached_tokens,
                            num_preemptions=s.num_preemptions,
                            num_compilations=r.num_compilations, max_compilations=r.max_compilations,
                            compile_seconds=r.compile_seconds, warmed_up=r.warmed_up,
