@@ -84,6 +84,8 @@ class TransferBench:
     startup_timeout_s: float = 240
     env_variant: str = "default"  # label of the UCX_* environment in use (printed, stored)
     ucx_info: bool = True  # list the UCP resources of the initiator process
+    ucx_threads: int = 0  # NIXL UCX backend worker threads (0: one worker, no split)
+    split_batch: int = 0  # descriptors from which a write is split across them (0: NIXL's 1024)
     json_out: str = ""
 
 

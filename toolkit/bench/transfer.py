@@ -58,7 +58,13 @@ def _child(role: str, conn, cfg: dict) -> None:
         from toolkit.disagg.nixl_backend import NixlBackend
 
         pool = make_pool(cfg, cfg["seed"] if role == "src" else None)
-        backend = NixlBackend(f"bench-{role}-{os.getpid()}", pool.spec(), AuxBuffer(4))
+        ucx = {}
+        if cfg.get("ucx_threads"):
+            ucx["num_threads"] = cfg["ucx_threads"]
+        if cfg.get("split_batch"):
+            ucx["split_batch_size"] = cfg["split_batch"]
+        backend = NixlBackend(f"bench-{role}-{os.getpid()}", pool.spec(), AuxBuffer(4),
+                              backend_params={"UCX": ucx} if ucx else None)
         info = pool.describe()
         if cfg["ucx_info"] and role == "src":
             try:
@@ -298,7 +304,7 @@ def run_bench(b: config.TransferBench) -> tuple[list[dict], bool]:
     for k, v in _environment().items():
         print(f"   env {k}={v}", file=sys.stderr)
     base = {"shape": shape, "dtype": b.dtype, "alloc": b.alloc, "seed": b.seed, "ucx_info": b.ucx_info,
-            "platform": b.platform}
+            "platform": b.platform, "ucx_threads": b.ucx_threads, "split_batch": b.split_batch}
     raw, ok = [], True
     try:
         src, dst = _start(mp.get_context("spawn"), b, base)

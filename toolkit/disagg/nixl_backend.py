@@ -101,7 +101,8 @@ def _quiet_stdout() -> None:
 _AGENT_LOCK = threading.Lock()
 
 
-def _make_agent(api, name: str, backends: list[str], progress_delay_us: Optional[int]):
+def _make_agent(api, name: str, backends: list[str], progress_delay_us: Optional[int],
+                params: Optional[dict] = None):
     """A ``nixl_agent`` whose progress thread sleeps ``progress_delay_us`` between passes.
 
     The Python API hard-codes ``pthrDelay = 0``: its progress thread spins, one full core per
@@ -109,6 +110,11 @@ def _make_agent(api, name: str, backends: list[str], progress_delay_us: Optional
     bindings' config class is swapped, for the duration of the call, for a subclass that
     keeps our delay. None: no progress thread (transfers then advance only while the
     initiator polls ``status`` and the target polls ``notifications``)."""
+    if params:  # backends created below, with their init parameters
+        agent = _make_agent(api, name, [], progress_delay_us)
+        for b in backends:
+            agent.create_backend(b, {k: str(v) for k, v in params.get(b, {}).items()})
+        return agent
     cfg = api.nixl_agent_config(enable_prog_thread=progress_delay_us is not None, backends=backends)
     bind = getattr(api, "nixlBind", None)
     if not progress_delay_us or bind is None or not hasattr(bind, "nixlAgentConfig"):
@@ -189,12 +195,15 @@ class NixlBackend(TransferBackend):
     name = "nixl"
 
     def __init__(self, agent_name: str, spec: PoolSpec, aux: AuxBuffer, backends=("UCX",), *,
-                 progress_delay_us: Optional[int] = 100, split_aux: Optional[bool] = None):
+                 progress_delay_us: Optional[int] = 100, split_aux: Optional[bool] = None,
+                 backend_params: Optional[dict] = None):
         """``progress_delay_us``: pause of NIXL's progress thread between passes (0: NIXL's
         own busy-spinning thread; None: no thread, progress only inside ``status`` and
         ``notifications``). ``split_aux``: post pages and aux as two requests even when one
         would do (both pools in DRAM); None = only when needed. Exists so CPU tests cover the
-        VRAM path."""
+        VRAM path. ``backend_params``: init parameters per backend, e.g. ``{"UCX":
+        {"num_threads": 8, "split_batch_size": 64}}`` (UCX: a write of at least
+        split_batch_size descriptors is split across num_threads worker threads)."""
         api = _nixl_api()
         if spec.mem_type not in ("DRAM", "VRAM"):
             raise ValueError(f"mem_type must be DRAM or VRAM, not {spec.mem_type!r}")
@@ -203,7 +212,7 @@ class NixlBackend(TransferBackend):
         self.aux = aux
         self._backends = list(backends)
         self._force_split = bool(split_aux)
-        self._agent = _make_agent(api, agent_name, self._backends, progress_delay_us)
+        self._agent = _make_agent(api, agent_name, self._backends, progress_delay_us, backend_params)
         missing = [b for b in self._backends if b not in self._agent.backends]
         if missing:
             raise TransferError(f"NIXL backend(s) {missing} could not be created "
