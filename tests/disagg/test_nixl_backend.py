@@ -231,15 +231,18 @@ def record(room, token=0):
 # ---- tests -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("split_aux", [False, True], ids=["one-request", "pages-then-aux"])
-def test_pages_and_aux_land_exactly_before_the_notification(peers, initiator, split_aux):
+@pytest.mark.parametrize("kw", [dict(split_aux=False), dict(split_aux=True),
+                                dict(backend_params={"UCX": {"num_threads": 2, "split_batch_size": 4}})],
+                         ids=["one-request", "pages-then-aux", "ucx-threads"])
+def test_pages_and_aux_land_exactly_before_the_notification(peers, initiator, kw):
     """Guards against: pages landing at the wrong place (index math with P=9 here vs P=13
     there, K/V or layer mix-ups), writes touching pages they were not given, the aux record
     not landing, and the notification overtaking its data (the target snapshots its pools the
     moment it sees each notification). ``pages-then-aux`` is the two-request path used for VRAM
-    pools, where the notification rides on the second request."""
+    pools, where the notification rides on the second request; ``ucx-threads`` splits each
+    write's descriptors across UCX worker threads (``backend_params``)."""
     make, k, v, aux = initiator
-    be = make(split_aux=split_aux)
+    be = make(**kw)
     peer = peers()
     name = be.connect(json.loads(json.dumps(peer.md)))  # the handshake payload survives JSON
     assert name == "decode0" and be.connect(peer.md) == name  # idempotent
