@@ -115,8 +115,8 @@ def test_random_operations_account_for_every_page(seed):
                 pages = d.kv.claim(owner)
                 d._ids += 1
                 d.live[d._ids] = dict(tokens=[1000 + owner] * (len(pages) * S), pages=pages, node=node)
-        elif op < 0.9 and d.kv._held:
-            d.kv.end_hold(rng.choice(list(d.kv._held)))
+        elif op < 0.9 and d.kv._held.owners():
+            d.kv.end_hold(rng.choice(d.kv._held.owners()))
         else:
             d.kv.expire_holds()
         d.check()
@@ -124,7 +124,7 @@ def test_random_operations_account_for_every_page(seed):
         d.finish(rid, keep=True)
     for owner in list(d.kv._reserved):
         d.kv.unreserve(owner)
-    for owner in list(d.kv._held):
+    for owner in d.kv._held.owners():
         d.kv.end_hold(owner)
     d.collect()
     d.check()

@@ -23,10 +23,10 @@ in flight is collected: until then that step may still read them.
 
 from __future__ import annotations
 
-import time
 from typing import Hashable, Optional, Sequence as Seq
 
 from toolkit.cache.allocator import PageAllocator
+from toolkit.cache.holds import Holds
 from toolkit.cache.radix import Node, PrefixCache, RadixCache
 
 
@@ -48,7 +48,7 @@ class CacheManager:
         # (step it waits for, pages to free, cache nodes to unlock)
         self._deferred: list[tuple[int, list[int], list[Node]]] = []
         self._reserved: dict[Hashable, list[int]] = {}  # owner -> pages another worker writes
-        self._held: dict[Hashable, tuple[float, list[int]]] = {}  # owner -> (deadline, pages)
+        self._held = Holds()  # owner -> pages of a failed transfer, until confirmed or expired
         self.num_evicted = 0  # cached pages evicted to satisfy an allocation, so far
 
     # ---- counts -------------------------------------------------------------------
@@ -73,7 +73,7 @@ class CacheManager:
     @property
     def num_held(self) -> int:
         """Pages of failed transfers' reservations, waiting until no write can land."""
-        return sum(len(p) for _, p in self._held.values())
+        return sum(len(p) for p in self._held.items())
 
     @property
     def num_used(self) -> int:
@@ -160,7 +160,7 @@ class CacheManager:
         (or once the step in flight is collected)."""
         pages = self._reserved.pop(owner, [])
         if hold_s > 0 and pages:
-            self._held[owner] = (time.perf_counter() + hold_s, pages)
+            self._held.hold(owner, pages, hold_s)
         else:
             self.free(pages)
 
@@ -170,19 +170,18 @@ class CacheManager:
     def end_hold(self, owner: Hashable) -> bool:
         """The peer confirmed no write into ``owner``'s held pages is in flight: free them.
         False when ``owner`` holds none (it expired, or never failed)."""
-        held = self._held.pop(owner, None)
-        if held is not None:
-            self.free(held[1])
-        return held is not None
+        pages = self._held.pop(owner)
+        if pages is not None:
+            self.free(pages)
+        return pages is not None
 
     def expire_holds(self, now: float | None = None) -> int:
         """Free the holds whose deadline passed; returns how many pages."""
-        now = time.perf_counter() if now is None else now
-        done = [o for o, (deadline, _) in self._held.items() if deadline <= now]
         n = 0
-        for o in done:
-            n += len(self._held[o][1])
-            self.end_hold(o)
+        for o in self._held.expired(now):
+            pages = self._held.pop(o)
+            n += len(pages)
+            self.free(pages)
         return n
 
     # ---- the prefix cache ---------------------------------------------------------
@@ -255,7 +254,7 @@ class CacheManager:
         owned = [p for pages in live for p in pages if p not in in_tree]
         owned += [p for pages in self._reserved.values() for p in pages]
         deferred = [p for _, pages, _ in self._deferred for p in pages]
-        held = [p for _, pages in self._held.values() for p in pages]
+        held = [p for pages in self._held.items() for p in pages]
         everything = tree + owned + deferred + held + list(self._alloc._free)
         assert len(everything) == len(set(everything)), "a page in two places"
         assert len(everything) == self.num_usable, (

@@ -20,10 +20,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
-import time
 from typing import Any, Optional
 
 import numpy as np
+
+from toolkit.cache.holds import Holds
 
 # One aux record: which room it belongs to (decode checks it against the slot's
 # room to detect a slot mix-up), the first sampled token, its logprob, and an
@@ -40,7 +41,7 @@ class AuxBuffer:
     def __init__(self, num_slots: int):
         self.records = np.zeros(num_slots, AUX_DTYPE)
         self._free = list(range(num_slots - 1, -1, -1))
-        self._held: dict = {}  # owner -> (deadline, slot)
+        self._held = Holds()  # owner -> slot of a failed room
 
     @property
     def num_free(self) -> int:
@@ -52,20 +53,18 @@ class AuxBuffer:
 
     def hold(self, owner, slot: int, hold_s: float) -> None:
         """Keep ``slot`` out of use until ``end_hold(owner)`` or ``hold_s`` seconds pass."""
-        assert owner not in self._held, f"{owner!r} already holds an aux slot"
-        self._held[owner] = (time.perf_counter() + hold_s, slot)
+        self._held.hold(owner, slot, hold_s)
 
     def holds(self, owner) -> bool:
         return owner in self._held
 
     def end_hold(self, owner) -> None:
-        held = self._held.pop(owner, None)
-        if held is not None:
-            self.free(held[1])
+        slot = self._held.pop(owner)
+        if slot is not None:
+            self.free(slot)
 
     def expire_holds(self) -> None:
-        now = time.perf_counter()
-        for owner in [o for o, (deadline, _) in self._held.items() if deadline <= now]:
+        for owner in self._held.expired():
             self.end_hold(owner)
 
     def allocate(self) -> int:
