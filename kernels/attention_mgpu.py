@@ -16,7 +16,7 @@ consumer warpgroups (block_q rows each) compute QK^T and PV with wgmma from swiz
 SMEM, online softmax in base 2; a producer warpgroup fills a ring of ``steps`` K/V slots
 by TMA, one copy per page ([page_size, D] box), all the copies of a slot counted on that
 slot's barrier. A chunk that follows a prefix attends to it
-(positions offset by kv_len - q_len). Pools: [L, P, S, KV, D]; q: [T, H, D].
+(positions offset by kv_len - q_len). Pools: [P, L, S, KV, D] (page-major); q: [T, H, D].
 """
 
 from __future__ import annotations
@@ -196,8 +196,8 @@ def _tile_kernel(q_ref, k_ref, v_ref, lay_ref, pt_ref, cu_ref, tseq_ref, tblk_re
             for j in range(npb):  # one TMA copy per page; the slot's barrier counts them
                 page = pt_ref[seq, kv_step * npb + j]
                 rows = pl.ds(j * S, S)
-                plgpu.copy_gmem_to_smem(k_ref.at[layer, page, :, kv_head], k_smem.at[slot, rows], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[layer, page, :, kv_head], v_smem.at[slot, rows], v_bar.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[page, layer, :, kv_head], k_smem.at[slot, rows], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[page, layer, :, kv_head], v_smem.at[slot, rows], v_bar.at[slot])
 
         for i in range(steps):
             pl.when(i < tile_kv_steps)(functools.partial(load, jnp.int32(i), i))

@@ -121,8 +121,8 @@ def _decode_kernel(layer_ref, pt_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, lse_
         valid = tok < end
         page = plgpu.load(pt_ref.at[b, tok // S], mask=valid, other=0)  # page 0: padding, safe to read
         page, off = page[:, None], (tok % S)[:, None]
-        k = k_ref[layer, page, off, kvh, d]  # [block_k, D]
-        v = v_ref[layer, page, off, kvh, d]
+        k = k_ref[page, layer, off, kvh, d]  # [block_k, D]
+        v = v_ref[page, layer, off, kvh, d]
         s = _dot(q, k, trans_b=True)  # [Gp, block_k]
         return _online_softmax(o, m, l, jnp.where(valid[None, :], s, _NEG), v)
 
@@ -220,8 +220,8 @@ def _prefill_kernel(layer_ref, pt_ref, lens_ref, cu_ref, bseq_ref, bstart_ref, q
         else:
             page = pt_ref[b, kt // S]
         page, off = page[:, None], (kt % S)[:, None]
-        k = k_ref[layer, page, off, kvh, d]
-        v = v_ref[layer, page, off, kvh, d]
+        k = k_ref[page, layer, off, kvh, d]
+        v = v_ref[page, layer, off, kvh, d]
         s = _dot(q, k, trans_b=True)  # [R, block_k]
         if masked:
             s = jnp.where((kt[None, :] <= pos[:, None]) & (kt[None, :] < n), s, _NEG)
@@ -276,6 +276,7 @@ def _write_kernel(layer_ref, slot_ref, k_ref, v_ref, kp_in, vp_in, kp_ref, vp_re
     del kp_in, vp_in  # aliased to kp_ref / vp_ref
     i = pl.program_id(0)
     T = k_ref.shape[0]
+    S = kp_ref.shape[2]
     t = i * block_t + jnp.arange(block_t)
     c = jnp.arange(_pow2(width))[None, :]
     mask = (t[:, None] < T) & (c < width)
@@ -283,21 +284,21 @@ def _write_kernel(layer_ref, slot_ref, k_ref, v_ref, kp_in, vp_in, kp_ref, vp_re
     layer = layer_ref[0]
     for src, dst in ((k_ref, kp_ref), (v_ref, vp_ref)):
         x = plgpu.load(src.at[t[:, None], c], mask=mask, other=0)
-        plgpu.store(dst.at[layer, slots, c], x.astype(dst.dtype), mask=mask)
+        plgpu.store(dst.at[slots // S, layer, slots % S, c], x.astype(dst.dtype), mask=mask)
 
 
 def write_kv(k_pool, v_pool, layer, k, v, slot_mapping, *, block_t: int = 16):
     """Scatter this step's K/V [T, KV, Dh] into flat slots (page * S + offset), in place."""
-    L, P, S, KV, D = k_pool.shape
+    P, L, S, KV, D = k_pool.shape
     T = k.shape[0]
     W = KV * D
-    flat = lambda x: x.reshape(L, P * S, W)  # noqa: E731 -- a free bitcast of the pool
+    rows = lambda x: x.reshape(P, L, S, W)  # noqa: E731 -- a free bitcast of the pool
     kernel = functools.partial(_write_kernel, block_t=block_t, width=W)
     kp, vp = _call(
         kernel,
         (_scalar(layer), slot_mapping.astype(jnp.int32), k.reshape(T, W), v.reshape(T, W),
-         flat(k_pool), flat(v_pool)),
-        [jax.ShapeDtypeStruct((L, P * S, W), k_pool.dtype)] * 2,
+         rows(k_pool), rows(v_pool)),
+        [jax.ShapeDtypeStruct((P, L, S, W), k_pool.dtype)] * 2,
         grid=(-(-T // block_t),), name="write_kv", params=_params(4, 1), aliases={4: 0, 5: 1})
     return kp.reshape(k_pool.shape), vp.reshape(v_pool.shape)
 
@@ -307,45 +308,43 @@ def _chunk(E: int, max_chunk: int = 4096) -> int:
 
 
 def _gather_kernel(ids_ref, pool_ref, out_ref, *, chunk: int):
-    i, l, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    i, c = pl.program_id(0), pl.program_id(1)
     E = pool_ref.shape[-1]
     e = c * chunk + jnp.arange(chunk)
-    page = ids_ref[i]
-    x = plgpu.load(pool_ref.at[l, page, e], mask=e < E, other=0)
-    plgpu.store(out_ref.at[i, l, e], x, mask=e < E)
+    x = plgpu.load(pool_ref.at[ids_ref[i], e], mask=e < E, other=0)
+    plgpu.store(out_ref.at[i, e], x, mask=e < E)
 
 
 def gather_pages(pool, page_ids, *, poison: bool = False):
-    """Copy pages of every layer into a contiguous page-major buffer: [L, P, ...] -> [n, L, ...]."""
-    L, P = pool.shape[:2]
-    rest = pool.shape[2:]
-    E = math.prod(rest)
+    """Copy pages (every layer) into a contiguous buffer: [P, L, ...] -> [n, L, ...]. A page
+    is one contiguous piece of the page-major pool, so each program copies a chunk of one."""
+    P = pool.shape[0]
+    E = math.prod(pool.shape[1:])
     n = page_ids.shape[0]
     ch = _chunk(E)
-    out = _call(functools.partial(_gather_kernel, chunk=ch), (page_ids.astype(jnp.int32), pool.reshape(L, P, E)),
-                jax.ShapeDtypeStruct((n, L, E), pool.dtype), grid=(n, L, -(-E // ch)), name="gather_pages",
+    out = _call(functools.partial(_gather_kernel, chunk=ch), (page_ids.astype(jnp.int32), pool.reshape(P, E)),
+                jax.ShapeDtypeStruct((n, E), pool.dtype), grid=(n, -(-E // ch)), name="gather_pages",
                 params=_params(4, 1), poison=poison)
-    return out.reshape(n, L, *rest)
+    return out.reshape(n, *pool.shape[1:])
 
 
 def _scatter_kernel(ids_ref, staged_ref, pool_in, pool_ref, *, chunk: int):
     del pool_in  # aliased to pool_ref
-    i, l, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    i, c = pl.program_id(0), pl.program_id(1)
     E = pool_ref.shape[-1]
     e = c * chunk + jnp.arange(chunk)
-    page = ids_ref[i]
-    x = plgpu.load(staged_ref.at[i, l, e], mask=e < E, other=0)
-    plgpu.store(pool_ref.at[l, page, e], x.astype(pool_ref.dtype), mask=e < E)
+    x = plgpu.load(staged_ref.at[i, e], mask=e < E, other=0)
+    plgpu.store(pool_ref.at[ids_ref[i], e], x.astype(pool_ref.dtype), mask=e < E)
 
 
 def scatter_pages(pool, page_ids, staged):
     """Inverse of gather_pages: write staged [n, L, ...] into pool pages, in place (donate the pool)."""
-    L, P = pool.shape[:2]
-    E = math.prod(pool.shape[2:])
+    P = pool.shape[0]
+    E = math.prod(pool.shape[1:])
     n = page_ids.shape[0]
     ch = _chunk(E)
     out = _call(functools.partial(_scatter_kernel, chunk=ch),
-                (page_ids.astype(jnp.int32), staged.reshape(n, L, E), pool.reshape(L, P, E)),
-                jax.ShapeDtypeStruct((L, P, E), pool.dtype), grid=(n, L, -(-E // ch)), name="scatter_pages",
+                (page_ids.astype(jnp.int32), staged.reshape(n, E), pool.reshape(P, E)),
+                jax.ShapeDtypeStruct((P, E), pool.dtype), grid=(n, -(-E // ch)), name="scatter_pages",
                 params=_params(4, 1), aliases={2: 0})
     return out.reshape(pool.shape)

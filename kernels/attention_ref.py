@@ -1,7 +1,7 @@
 """Pure-jnp paged attention: the reference every GPU kernel is tested against.
 
-Pool layout (one layer of one page is contiguous):
-    k_pool, v_pool  [L, P, S, KV, Dh]     P pages of S tokens; page 0 = padding page
+Pool layout (page-major: one page of every layer is contiguous, toolkit.cache.pool):
+    k_pool, v_pool  [P, L, S, KV, Dh]     P pages of S tokens; page 0 = padding page
 Ragged batch of B sequences, T query tokens in total:
     cu_q_lens  [B+1]  query offsets of each sequence into the T tokens
     kv_lens    [B]    tokens of KV in the pool for each sequence, *including* this
@@ -20,9 +20,9 @@ _NEG = -1e30  # finite so a fully masked row gives zeros, not NaN
 
 
 def _gather_kv(pool, layer, page_table):
-    """[L, P, S, KV, Dh] -> [B, maxP*S, KV, Dh] for one layer."""
+    """[P, L, S, KV, Dh] -> [B, maxP*S, KV, Dh] for one layer."""
     B, maxP = page_table.shape
-    kv = pool[layer, page_table]  # [B, maxP, S, KV, Dh]
+    kv = pool[page_table, layer]  # [B, maxP, S, KV, Dh]
     return kv.reshape(B, maxP * kv.shape[2], *kv.shape[3:])
 
 
@@ -82,22 +82,19 @@ def write_kv(k_pool, v_pool, layer, k, v, slot_mapping):
     """
     S = k_pool.shape[2]
     page, off = slot_mapping // S, slot_mapping % S
-    k_pool = k_pool.at[layer, page, off].set(k.astype(k_pool.dtype))
-    v_pool = v_pool.at[layer, page, off].set(v.astype(v_pool.dtype))
+    k_pool = k_pool.at[page, layer, off].set(k.astype(k_pool.dtype))
+    v_pool = v_pool.at[page, layer, off].set(v.astype(v_pool.dtype))
     return k_pool, v_pool
 
 
 def gather_pages(pool, page_ids):
-    """Copy pages of every layer into one contiguous buffer: [L, P, ...] -> [n, L, ...].
-
-    Page-major so one page of all layers is contiguous in the staging buffer.
-    """
-    return jnp.swapaxes(pool[:, page_ids], 0, 1)
+    """Copy pages (every layer) into one contiguous buffer: [P, L, ...] -> [n, L, ...]."""
+    return pool[page_ids]
 
 
 def scatter_pages(pool, page_ids, staged):
     """Inverse of gather_pages: write staged [n, L, ...] into pool pages (pool donated by callers)."""
-    return pool.at[:, page_ids].set(jnp.swapaxes(staged, 0, 1).astype(pool.dtype))
+    return pool.at[page_ids].set(staged.astype(pool.dtype))
 
 
 def dense_causal_attention(q, k, v, *, scale):

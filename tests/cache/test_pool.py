@@ -19,7 +19,7 @@ def test_auto_is_xla_on_cpu_and_cuda_malloc_is_refused():
     with pytest.raises(ValueError, match="engine.kv_alloc='vmm'"):
         resolve_alloc("vmm", dev)
     pool = KVPool(PoolLayout(2, 4, 4, 2, 8, "float32"), alloc="auto")
-    assert pool.alloc == "xla" and pool.k.shape == (2, 4, 4, 2, 8)
+    assert pool.alloc == "xla" and pool.k.shape == (4, 2, 4, 2, 8)  # page-major [P, L, S, KV, Dh]
 
 
 def test_bad_kv_alloc_is_a_config_error_before_allocation():

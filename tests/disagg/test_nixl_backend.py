@@ -20,7 +20,7 @@ import pytest
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")  # NIXL logs every agent creation at INFO
 
 from toolkit.disagg.nixl_backend import NixlBackend, nixl_available  # noqa: E402
-from toolkit.disagg.transfer import (AUX_DTYPE, AuxBuffer, LayoutMismatch, PoolSpec, TransferError,  # noqa: E402
+from toolkit.disagg.transfer import (AUX_DTYPE, AuxBuffer, LayoutMismatch, PoolLayout, TransferError,  # noqa: E402
                                      XferStatus)
 
 L, PAGE, KV, DH = 3, 4, 2, 8
@@ -38,16 +38,16 @@ def _needs_nixl():
 
 
 def make_pool(num_pages: int, head_dim: int = DH, page: int = PAGE, kv: int = KV):
-    shape = (L, num_pages, page, kv, head_dim)
+    shape = (num_pages, L, page, kv, head_dim)
     k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     return k, v, spec_for(k, v)
 
 
-def spec_for(k, v, addresses=None) -> PoolSpec:
-    _, p, s, kv, dh = k.shape
-    page_bytes = s * kv * dh * np.dtype(k.dtype).itemsize
+def spec_for(k, v, addresses=None) -> PoolLayout:
+    """The placed page-major layout of host pools k, v [P, L, S, KV, Dh]."""
+    p, _, s, kv, dh = k.shape
     addresses = addresses or (k.ctypes.data, v.ctypes.data)
-    return PoolSpec(L, p, s, kv, dh, np.dtype(k.dtype).name, page_bytes, "DRAM", 0, tuple(addresses))
+    return PoolLayout(L, p, s, kv, dh, np.dtype(k.dtype).name).placed("DRAM", 0, addresses)
 
 
 # ---- the target process ------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def _serve(conn, cfg):
             import jax
             import jax.numpy as jnp
 
-            shape = (L, cfg["num_pages"], PAGE, KV, cfg["head_dim"])
+            shape = (cfg["num_pages"], L, PAGE, KV, cfg["head_dim"])
             zeros = jax.jit(lambda: (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)))
             jk, jv = zeros()  # XLA-owned buffers, as a KVPool's are
             jk.block_until_ready()
@@ -248,7 +248,7 @@ def test_pages_and_aux_land_exactly_before_the_notification(peers, initiator, kw
     assert name == "decode0" and be.connect(peer.md) == name  # idempotent
 
     rng = np.random.default_rng(1)
-    want_k = np.zeros((L, P_THERE, PAGE, KV, DH), np.float32)
+    want_k = np.zeros((P_THERE, L, PAGE, KV, DH), np.float32)
     want_v = np.zeros_like(want_k)
     want_aux = np.zeros(AUX_SLOTS, AUX_DTYPE)
     for room in range(12):
@@ -262,8 +262,8 @@ def test_pages_and_aux_land_exactly_before_the_notification(peers, initiator, kw
         h = be.write(name, src, dst, (src_slot, dst_slot), b"room-%d" % room)
         assert drive(be, h) is XferStatus.DONE
         be.release(h)
-        want_k[:, dst] = k[:, src]
-        want_v[:, dst] = v[:, src]
+        want_k[dst] = k[src]
+        want_v[dst] = v[src]
         want_aux[dst_slot] = aux.records[src_slot]
 
         got, gk, gv, gaux, _ = notification(peer)
@@ -340,6 +340,11 @@ def test_layout_mismatch_fails_at_connect(peers, initiator, monkeypatch):
     monkeypatch.setattr(be._agent, "add_remote_agent", lambda md: added.append(md) or real_add(md))
     with pytest.raises(LayoutMismatch, match=r"head_dim is 8 here and 16 on the peer"):
         be.connect(peer.md)
+    # A peer built with another pool order (e.g. an older, layer-major build) is refused too.
+    other = json.loads(json.dumps(peer.md))
+    other["layout"].update(head_dim=DH, order="layer_major")
+    with pytest.raises(LayoutMismatch, match=r"order is 'page_major' here and 'layer_major' on the peer"):
+        be.connect(other)
     assert added == [] and be.peers == []
     with pytest.raises(TransferError, match="unknown peer"):
         be.write("decode0", [0], [0], None, b"x")
@@ -392,8 +397,8 @@ def test_target_death_gives_errors_not_hangs_and_a_fresh_target_works(peers, ini
     be.release(h)
     got, gk, gv, gaux, _ = notification(fresh)
     assert got == b"fresh"
-    np.testing.assert_array_equal(gk[:, [12, 5]], k[:, [8, 0]])
-    np.testing.assert_array_equal(gv[:, [12, 5]], v[:, [8, 0]])
+    np.testing.assert_array_equal(gk[[12, 5]], k[[8, 0]])
+    np.testing.assert_array_equal(gv[[12, 5]], v[[8, 0]])
     assert gaux[3] == aux.records[2]
 
     be.disconnect(name)
@@ -409,7 +414,7 @@ def test_jax_cpu_array_registered_by_buffer_pointer(peers):
     must be visible through those arrays to a jitted read and to a host read afterwards."""
     import jax
 
-    shape = (L, P_HERE, PAGE, KV, DH)
+    shape = (P_HERE, L, PAGE, KV, DH)
     rng = np.random.default_rng(3)
     hk, hv = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
     jk, jv = jax.jit(lambda a, b: (a + 0, b + 0))(hk, hv)  # fresh XLA buffers, not numpy aliases
@@ -428,9 +433,9 @@ def test_jax_cpu_array_registered_by_buffer_pointer(peers):
         got, gk, gv, gaux, sums = notification(peer, timeout=STARTUP_S)
     finally:
         be.close()
-    want_k = np.zeros((L, P_THERE, PAGE, KV, DH), np.float32)
+    want_k = np.zeros((P_THERE, L, PAGE, KV, DH), np.float32)
     want_v = np.zeros_like(want_k)
-    want_k[:, dst], want_v[:, dst] = hk[:, src], hv[:, src]
+    want_k[dst], want_v[dst] = hk[src], hv[src]
     assert got == b"jax"
     np.testing.assert_array_equal(gk, want_k)
     np.testing.assert_array_equal(gv, want_v)
@@ -478,8 +483,8 @@ def test_target_survives_initiator_death_and_serves_the_next(peers):
                 assert time.monotonic() < end, f"no notification from {name}: {seen}"
                 seen.extend(tb.notifications())
             sk, sv, _, saux = initiator_pool(seed)
-            np.testing.assert_array_equal(k[:, [5, 11]], sk[:, [3, 8]])
-            np.testing.assert_array_equal(v[:, [5, 11]], sv[:, [3, 8]])
+            np.testing.assert_array_equal(k[[5, 11]], sk[[3, 8]])
+            np.testing.assert_array_equal(v[[5, 11]], sv[[3, 8]])
             assert aux.records[2] == saux.records[1]
             nxt.stop()
     finally:

@@ -33,8 +33,8 @@ def _pool(rng, lens, S, KV, D, dtype, L=2, extra=3):
     """Random pools; each sequence's KV on random non-contiguous pages of layer 1."""
     need = [pages_for(n, S) for n in lens]
     P = 1 + sum(need) + extra
-    k = jnp.asarray(rng.standard_normal((L, P, S, KV, D)), dtype)
-    v = jnp.asarray(rng.standard_normal((L, P, S, KV, D)), dtype)
+    k = jnp.asarray(rng.standard_normal((P, L, S, KV, D)), dtype)
+    v = jnp.asarray(rng.standard_normal((P, L, S, KV, D)), dtype)
     return k, v, jnp.asarray(ref.scattered_page_table(rng, need, P, junk=True))
 
 
@@ -162,8 +162,8 @@ def test_write_kv_bit_exact(KV, D, dtype):
     """The pool after the in-place write equals the reference scatter, bit for bit, every layer."""
     rng = np.random.default_rng(4)
     L, P, S, T = 3, 12, 16, 37
-    kp = jnp.asarray(rng.standard_normal((L, P, S, KV, D)), dtype)
-    vp = jnp.asarray(rng.standard_normal((L, P, S, KV, D)), dtype)
+    kp = jnp.asarray(rng.standard_normal((P, L, S, KV, D)), dtype)
+    vp = jnp.asarray(rng.standard_normal((P, L, S, KV, D)), dtype)
     slots = jnp.asarray(rng.permutation(P * S)[:T], jnp.int32)  # distinct, page 0 included
     k = jnp.asarray(rng.standard_normal((T, KV, D)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((T, KV, D)), jnp.float32)
@@ -177,7 +177,7 @@ def test_write_kv_bit_exact(KV, D, dtype):
 def test_gather_scatter_pages_bit_exact():
     """Page staging copies every layer of exactly the listed pages, both ways."""
     rng = np.random.default_rng(5)
-    pool = jnp.asarray(rng.standard_normal((3, 20, 16, 3, 64)), jnp.bfloat16)
+    pool = jnp.asarray(rng.standard_normal((20, 3, 16, 3, 64)), jnp.bfloat16)
     ids = jnp.asarray(rng.permutation(np.arange(1, 20))[:7], jnp.int32)
     staged = pk.gather_pages(pool, ids, poison=True)
     np.testing.assert_array_equal(np.asarray(staged, np.float32), np.asarray(ref.gather_pages(pool, ids), np.float32))

@@ -20,13 +20,13 @@ def _setup(rng, lens, page_size, KV, Dh, L=2, extra_pages=3, dtype=np.float32):
     """Random pool with each sequence's KV on random non-contiguous pages of layer 1."""
     need = [pages_for(n, page_size) for n in lens]
     P = 1 + sum(need) + extra_pages
-    k_pool = rng.standard_normal((L, P, page_size, KV, Dh)).astype(dtype)
-    v_pool = rng.standard_normal((L, P, page_size, KV, Dh)).astype(dtype)
+    k_pool = rng.standard_normal((P, L, page_size, KV, Dh)).astype(dtype)
+    v_pool = rng.standard_normal((P, L, page_size, KV, Dh)).astype(dtype)
     return k_pool, v_pool, ref.scattered_page_table(rng, need, P)
 
 
 def _contig(pool, layer, table_row, n):
-    return pool[layer, table_row].reshape(-1, *pool.shape[3:])[:n]
+    return pool[table_row, layer].reshape(-1, *pool.shape[3:])[:n]
 
 
 @pytest.mark.parametrize("page_size,H,KV,Dh", [(4, 4, 2, 16), (16, 8, 1, 32), (8, 6, 6, 8)])
@@ -71,17 +71,18 @@ def test_write_kv_then_gather_scatter_pages_roundtrip():
     """Guards against slot arithmetic errors and page staging that mixes layers or pages."""
     rng = np.random.default_rng(2)
     L, P, S, KV, Dh = 3, 9, 4, 2, 8
-    k_pool = jnp.asarray(rng.standard_normal((L, P, S, KV, Dh)), jnp.float32)
-    v_pool = jnp.asarray(rng.standard_normal((L, P, S, KV, Dh)), jnp.float32)
+    k_pool = jnp.asarray(rng.standard_normal((P, L, S, KV, Dh)), jnp.float32)
+    v_pool = jnp.asarray(rng.standard_normal((P, L, S, KV, Dh)), jnp.float32)
     slots = np.asarray([5 * S + 0, 5 * S + 3, 2 * S + 1], np.int32)
     k_new = rng.standard_normal((3, KV, Dh)).astype(np.float32)
     k2, v2 = ref.write_kv(k_pool, v_pool, 2, jnp.asarray(k_new), jnp.asarray(-k_new), slots)
-    np.testing.assert_array_equal(np.asarray(k2[2, 5, 3]), k_new[1])
+    np.testing.assert_array_equal(np.asarray(k2[5, 2, 3]), k_new[1])
     np.testing.assert_array_equal(np.asarray(v2[2, 2, 1]), -k_new[2])
-    np.testing.assert_array_equal(np.asarray(k2[:2]), np.asarray(k_pool[:2]))  # other layers untouched
+    np.testing.assert_array_equal(np.asarray(k2[:, :2]), np.asarray(k_pool[:, :2]))  # other layers untouched
+    np.testing.assert_array_equal(np.asarray(k2[5, 2, 1]), np.asarray(k_pool[5, 2, 1]))  # other slots untouched
     pages = jnp.asarray([5, 2, 7], jnp.int32)
     staged = ref.gather_pages(k2, pages)  # [3, L, S, KV, Dh]
-    np.testing.assert_array_equal(np.asarray(staged[1, 2]), np.asarray(k2[2, 2]))
+    np.testing.assert_array_equal(np.asarray(staged[1]), np.asarray(k2[2]))
     dst = ref.scatter_pages(jnp.zeros_like(k2), jnp.asarray([1, 3, 4], jnp.int32), staged)
-    np.testing.assert_array_equal(np.asarray(dst[:, 3]), np.asarray(k2[:, 2]))
-    assert float(jnp.abs(dst[:, 0]).sum()) == 0.0
+    np.testing.assert_array_equal(np.asarray(dst[3]), np.asarray(k2[2]))
+    assert float(jnp.abs(dst[0]).sum()) == 0.0

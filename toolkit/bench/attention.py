@@ -60,14 +60,20 @@ def rel_err(got, want) -> float:
     return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
 
+# Layers in the benchmark pools: the kernels read layer LAYERS-1 of a page-major pool
+# [P, L, S, KV, D], so a page's tile sits L tiles from the next page's as in the engine.
+LAYERS = 4
+LAYER = LAYERS - 1
+
+
 def decode_case(B, ctx, H=32, KV=8, D=128, S=16, dtype=jnp.bfloat16, seed=0):
-    """Random pool and non-contiguous random page tables; our layout [L=1, P, S, KV, D]."""
+    """Random pool and non-contiguous random page tables; our layout [P, L, S, KV, D]."""
     rng = np.random.default_rng(seed)
     ppseq = pages_for(ctx, S)
     P = B * ppseq + 1
     pages = rng.permutation(np.arange(1, P))[:B * ppseq].reshape(B, ppseq).astype(np.int32)
-    k = jax.random.normal(jax.random.key(seed), (1, P, S, KV, D), dtype)
-    v = jax.random.normal(jax.random.key(seed + 1), (1, P, S, KV, D), dtype)
+    k = jax.random.normal(jax.random.key(seed), (P, LAYERS, S, KV, D), dtype)
+    v = jax.random.normal(jax.random.key(seed + 1), (P, LAYERS, S, KV, D), dtype)
     q = jax.random.normal(jax.random.key(seed + 2), (B, H, D), dtype)
     lens = jnp.full((B,), ctx, jnp.int32)
     return q, k, v, jnp.asarray(pages), lens
@@ -77,11 +83,11 @@ def run_decode(rows, bw, B, ctx, quick):
     q, k, v, pt, lens = decode_case(B, ctx, H=8 if quick else 32, KV=2 if quick else 8, D=64 if quick else 128)
     D = q.shape[-1]
     kv_bytes = 2 * B * ctx * k.shape[3] * D * k.dtype.itemsize
-    refj = jax.jit(lambda q, k, v, pt, l: ref.paged_decode_attention(q, k, v, 0, pt, l, scale=D ** -0.5))
+    refj = jax.jit(lambda q, k, v, pt, l: ref.paged_decode_attention(q, k, v, LAYER, pt, l, scale=D ** -0.5))
     out_ref = refj(q, k, v, pt, lens)
     t = bench(refj, q, k, v, pt, lens)
     rows.append(row(f"decode B={B} ctx={ctx}", "jnp reference", t, kv_bytes, bw))
-    ours = jax.jit(lambda q, k, v, pt, l: pk.paged_decode_attention(q, k, v, 0, pt, l, scale=D ** -0.5))
+    ours = jax.jit(lambda q, k, v, pt, l: pk.paged_decode_attention(q, k, v, LAYER, pt, l, scale=D ** -0.5))
     err = rel_err(ours(q, k, v, pt, lens), out_ref)
     t = bench(ours, q, k, v, pt, lens)
     rows.append(row(f"decode B={B} ctx={ctx}", f"ours, Pallas (err {err:.1e})", t, kv_bytes, bw))
@@ -90,7 +96,7 @@ def run_decode(rows, bw, B, ctx, quick):
     try:
         from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
-        kp, vp = (jnp.transpose(x[0], (2, 0, 1, 3)) for x in (k, v))  # [KV, P, S, D]
+        kp, vp = (jnp.transpose(x[:, LAYER], (2, 0, 1, 3)) for x in (k, v))  # [KV, P, S, D]
         # that kernel does not scale the logits: pass q pre-scaled by 1/sqrt(D)
         pa = jax.jit(lambda q, kp, vp, pt, l: paged_attention(q * jnp.asarray(D ** -0.5, q.dtype), kp, vp, pt, l))
         got = pa(q, kp, vp, pt, lens)
@@ -108,11 +114,11 @@ def run_prefill(rows, flops_ceiling, T, quick):
     vc = jax.random.normal(jax.random.key(5), (T, KV, D), jnp.bfloat16)
     P = T // S
     perm = np.random.default_rng(0).permutation(np.arange(1, P + 1)).astype(np.int32)
-    pool = lambda x: jnp.zeros((1, P + 1, S, KV, D), x.dtype).at[0, perm].set(x.reshape(P, S, KV, D))  # noqa: E731
+    pool = lambda x: jnp.zeros((P + 1, LAYERS, S, KV, D), x.dtype).at[perm, LAYER].set(x.reshape(P, S, KV, D))  # noqa: E731
     kp, vp = pool(kc), pool(vc)
     flops = 4 * T * T / 2 * H * D
     paged = (jnp.asarray(perm)[None], jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32))
-    ours = jax.jit(lambda q, k, v: ref.paged_prefill_attention(q, k, v, 0, *paged, max_q_len=T, scale=D ** -0.5))
+    ours = jax.jit(lambda q, k, v: ref.paged_prefill_attention(q, k, v, LAYER, *paged, max_q_len=T, scale=D ** -0.5))
     out_ref = ours(q, kp, vp)
     t = bench(ours, q, kp, vp, iters=5)
     rows.append(row(f"prefill T={T}", "jnp reference (pages)", t, flops, flops_ceiling))
@@ -162,26 +168,26 @@ def run_prefill_ragged(rows, flops_ceiling, quick):
     table = ref.scattered_page_table(rng, need, P)
     T = sum(chunks)
     q = jax.random.normal(jax.random.key(6), (T, H, D), jnp.bfloat16)
-    kp = jax.random.normal(jax.random.key(7), (1, P, S, KV, D), jnp.bfloat16)
-    vp = jax.random.normal(jax.random.key(8), (1, P, S, KV, D), jnp.bfloat16)
+    kp = jax.random.normal(jax.random.key(7), (P, LAYERS, S, KV, D), jnp.bfloat16)
+    vp = jax.random.normal(jax.random.key(8), (P, LAYERS, S, KV, D), jnp.bfloat16)
     args = (jnp.asarray(table), jnp.asarray(np.concatenate([[0], np.cumsum(chunks)]), jnp.int32),
             jnp.asarray(kv, jnp.int32))
     flops = 4 * H * D * sum(m * p + m * (m + 1) / 2 for p, m in zip(prefix, chunks))
     case = f"prefill ragged 8 chunks T={T}"
     want = jax.jit(lambda q, k, v, pt, cu, kl: ref.paged_prefill_attention(
-        q, k, v, 0, pt, cu, kl, max_q_len=max(chunks), scale=D ** -0.5))(q, kp, vp, *args)
+        q, k, v, LAYER, pt, cu, kl, max_q_len=max(chunks), scale=D ** -0.5))(q, kp, vp, *args)
     ours_prefill_rows(rows, case, (q, kp, vp, *args), max(chunks), want, flops, flops_ceiling)
 
 
 def ours_prefill_rows(rows, case, args, max_q_len, want, flops, flops_ceiling):
     """Rows for our prefill entry point on args (q, k_pool, v_pool, page_table, cu, kv_lens;
-    layer 0): impl=auto (Mosaic GPU on a GPU), then on a GPU the Triton-lowered kernel."""
+    layer LAYER): impl=auto (Mosaic GPU on a GPU), then on a GPU the Triton-lowered kernel."""
     D = args[0].shape[-1]
     for name, kw in (("ours (auto: Mosaic GPU on a GPU)", {}), ("ours, Pallas-Triton", {"impl": "triton"})):
         if kw and jax.devices()[0].platform != "gpu":
             continue
         f = jax.jit(lambda q, k, v, pt, cu, kl, kw=kw: attn.paged_prefill_attention(
-            q, k, v, 0, pt, cu, kl, max_q_len=max_q_len, scale=D ** -0.5, **kw, **PREFILL_KW))
+            q, k, v, LAYER, pt, cu, kl, max_q_len=max_q_len, scale=D ** -0.5, **kw, **PREFILL_KW))
         err = rel_err(f(*args), want)
         t = bench(f, *args, iters=10)
         rows.append(row(case, f"{name} (pages, err {err:.1e})", t, flops, flops_ceiling))
@@ -192,8 +198,8 @@ def run_movement(rows, bw, quick):
     layers: XLA's scatter/gather against ours, bytes moved against the copy ceiling."""
     L, S, KV, D = (2, 16, 2, 64) if quick else (32, 16, 8, 128)
     P = 64 if quick else 8192
-    kp = jnp.zeros((L, P, S, KV, D), jnp.bfloat16)
-    vp = jnp.zeros((L, P, S, KV, D), jnp.bfloat16)
+    kp = jnp.zeros((P, L, S, KV, D), jnp.bfloat16)
+    vp = jnp.zeros((P, L, S, KV, D), jnp.bfloat16)
     rng = np.random.default_rng(0)
     pools = [kp, vp]  # threaded through every donating call
     for T in ((16,) if quick else (64, 4096)):
@@ -247,20 +253,20 @@ def sweep(bw: float, fl: float) -> list[dict]:
     for bk, ns, w, st in [(64, None, 4, 2), (64, 1, 4, 3), (128, 1, 4, 2), (128, 1, 8, 3), (32, 1, 4, 3),
                           (64, 1, 2, 3), (64, 2, 4, 2), (256, 1, 8, 2)]:
         f = jax.jit(lambda q, k, v, pt, l, bk=bk, ns=ns, w=w, st=st: pk.paged_decode_attention(
-            q, k, v, 0, pt, l, scale=0.088, block_k=bk, num_splits=ns, num_warps=w, num_stages=st))
+            q, k, v, LAYER, pt, l, scale=0.088, block_k=bk, num_splits=ns, num_warps=w, num_stages=st))
         rows.append(_sweep_row("decode B=64 ctx=2048 sweep", f"block_k {bk} splits {ns} warps {w} stages {st}",
                                f, q, k, v, pt, lens, amount=kv_bytes, ceiling=bw))
     T, H, D, S = 4096, 32, 128, 16
     qp = jax.random.normal(jax.random.key(3), (T, H, D), jnp.bfloat16)
     P = T // S
     perm = np.random.default_rng(0).permutation(np.arange(1, P + 1)).astype(np.int32)
-    kp = jax.random.normal(jax.random.key(4), (1, P + 1, S, 8, D), jnp.bfloat16)
+    kp = jax.random.normal(jax.random.key(4), (P + 1, LAYERS, S, 8, D), jnp.bfloat16)
     flops = 4 * T * T / 2 * H * D
     for bq, bk, w, st in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3),
                           (256, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 256, 8, 3)]:
         # block_q rows are tokens x 4 heads (GQA-packed)
         f = jax.jit(lambda q, k, bq=bq, bk=bk, w=w, st=st: pk.paged_prefill_attention(
-            q, k, k, 0, jnp.asarray(perm)[None], jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32),
+            q, k, k, LAYER, jnp.asarray(perm)[None], jnp.asarray([0, T], jnp.int32), jnp.asarray([T], jnp.int32),
             max_q_len=T, scale=0.088, block_q=bq, block_k=bk, num_warps=w, num_stages=st))
         rows.append(_sweep_row("prefill T=4096 sweep (Triton)", f"block_q {bq} block_k {bk} warps {w} stages {st}",
                                f, qp, kp, iters=5, amount=flops, ceiling=fl))

@@ -7,19 +7,19 @@
     python -m toolkit.bench.transfer bench.platform=cpu bench.mib=1 bench.layers=2 bench.repeats=2  # CPU
 
 Two spawned processes (``dst``: the target, like decode; ``src``: the initiator, like
-prefill) each own a KV pool ``[L, P, S, KV, Dh]`` x (K, V) on the chosen device
+prefill) each own a page-major KV pool ``[P, L, S, KV, Dh]`` x (K, V) on the chosen device
 (``bench.alloc=jax``: JAX arrays; ``torch``/``cupy``: raw ``cudaMalloc`` memory, see
 ``transfer_pools``). ``src`` connects to ``dst`` and times ``write()`` -> status DONE for
 
     random   ``bench.mib`` worth of pages, a shuffled set of even pages into a shuffled set
              of odd pages: no two consecutive descriptors are address-adjacent, so nothing
-             merges (2*L*n descriptors of ``page_bytes``)
-    contig   pages 0..n-1 into pages n..2n-1: NIXL can merge each (buffer, layer) run into
-             one descriptor (2*L descriptors of n*page_bytes)
+             merges (2*n descriptors of ``page_bytes``: one page of every layer)
+    contig   pages 0..n-1 into pages n..2n-1: NIXL can merge each buffer's run into one
+             descriptor (2 descriptors of n*page_bytes)
 
 each with the aux record and a notification (the real two-stage write when the pools are
 VRAM), median over ``bench.repeats`` after ``bench.warmup``. The bytes are verified
-afterwards (a CRC of every transferred (buffer, layer, page) row on both sides, plus two
+afterwards (a CRC of every transferred (buffer, page) piece on both sides, plus two
 sampled pages compared byte for byte through host copies), and the same number of bytes
 is copied in ``src`` as the ceiling (same device: a slice copy and a page gather; two
 devices: a device-to-device put; CPU: numpy copies). The table comes last.
@@ -63,7 +63,7 @@ def _child(role: str, conn, cfg: dict) -> None:
             ucx["num_threads"] = cfg["ucx_threads"]
         if cfg.get("split_batch"):
             ucx["split_batch_size"] = cfg["split_batch"]
-        backend = NixlBackend(f"bench-{role}-{os.getpid()}", pool.spec(), AuxBuffer(4),
+        backend = NixlBackend(f"bench-{role}-{os.getpid()}", pool.layout(), AuxBuffer(4),
                               backend_params={"UCX": ucx} if ucx else None)
         info = pool.describe()
         if cfg["ucx_info"] and role == "src":
@@ -212,14 +212,15 @@ def _fmt_bytes(b: float) -> str:
 
 
 def pool_shape(b: config.TransferBench) -> tuple[tuple[int, ...], int, int]:
-    """(pool shape [L, P, S, KV, Dh], pages per transfer n, bytes of one (buffer, layer, page))."""
-    page_bytes = b.page_size * b.kv_heads * b.head_dim * np.dtype(np_dtype(b.dtype)).itemsize
-    per_page = 2 * b.layers * page_bytes  # one page, every layer, K and V
+    """(pool shape [P, L, S, KV, Dh], pages per transfer n, bytes of one (buffer, page): a
+    page of every layer)."""
+    page_bytes = b.layers * b.page_size * b.kv_heads * b.head_dim * np.dtype(np_dtype(b.dtype)).itemsize
+    per_page = 2 * page_bytes  # one page, every layer, K and V
     n = max(1, round(b.mib * 2**20 / per_page))
     P = b.pool_pages or 2 * n
     if P < 2 * n:
         raise ConfigError(f"bench.pool_pages={P} < 2 x {n} transferred pages")
-    return (b.layers, P, b.page_size, b.kv_heads, b.head_dim), n, page_bytes
+    return (P, b.layers, b.page_size, b.kv_heads, b.head_dim), n, page_bytes
 
 
 def _environment() -> dict:
@@ -255,9 +256,9 @@ def _patterns(b: config.TransferBench, n: int, rng) -> list[tuple]:
     out = []
     if "random" in b.patterns:
         out.append(("random", rng.permutation(np.arange(0, 2 * n, 2))[:n],
-                    rng.permutation(np.arange(1, 2 * n, 2))[:n], 2 * b.layers * n))
+                    rng.permutation(np.arange(1, 2 * n, 2))[:n], 2 * n))
     if "contig" in b.patterns:
-        out.append(("contig", np.arange(n), np.arange(n, 2 * n), 2 * b.layers))
+        out.append(("contig", np.arange(n), np.arange(n, 2 * n), 2))
     return out
 
 
@@ -280,7 +281,7 @@ def _write_pattern(src: _Peer, dst: _Peer, b: config.TransferBench, pattern: tup
         verify = "ERR " + errors[0]
     print(f"   {name}: {len(recs)} writes, totals ms "
           f"{[round(r.get('total_s', float('nan')) * 1e3, 1) for r in recs]}, verify {verify}", file=sys.stderr)
-    return {"variant": f"nixl WRITE {name}", "bytes": nbytes, "descs": f"{2 * b.layers * n}/{ndesc}",
+    return {"variant": f"nixl WRITE {name}", "bytes": nbytes, "descs": f"{2 * n}/{ndesc}",
             "times": [r["total_s"] for r in timed], "post": [r["post_s"] for r in timed],
             "notif": [t for i, t in arrivals if i >= b.warmup], "verify": verify,
             "notifs": f"{len(arrivals)}/{len(recs)}", "ok": verify == "ok" and len(timed) == b.repeats}
@@ -297,9 +298,9 @@ def run_bench(b: config.TransferBench) -> tuple[list[dict], bool]:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     shape, n, page_bytes = pool_shape(b)
-    nbytes = n * 2 * b.layers * page_bytes
+    nbytes = n * 2 * page_bytes
     print(f"== transfer variant={b.env_variant} alloc={b.alloc} devices {b.src_device}->{b.dst_device}: pool "
-          f"{list(shape)} {b.dtype} x (K, V), {_fmt_bytes(page_bytes)} per (buffer, layer, page); {n} pages = "
+          f"{list(shape)} {b.dtype} x (K, V), {_fmt_bytes(page_bytes)} per (buffer, page); {n} pages = "
           f"{nbytes / 2**20:.0f} MiB per transfer", file=sys.stderr)
     for k, v in _environment().items():
         print(f"   env {k}={v}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The KV pools of the transfer benchmark's two processes, and the same-process copies of
 the same bytes that serve as its ceiling.
 
-A pool is K and V ``[L, P, S, KV, Dh]`` on one device, allocated by JAX (XLA's VMM memory,
+A pool is K and V ``[P, L, S, KV, Dh]`` (page-major, as a ``KVPool``) on one device, allocated by JAX (XLA's VMM memory,
 as a ``KVPool`` would be with ``engine.kv_alloc=xla``), torch or cupy (both ``cudaMalloc``:
 legacy-CUDA-IPC capable, so UCX's ``cuda_ipc`` can map them). These ceilings are specific
 to pools living in other processes; their timing loop is the shared one (``core``).
@@ -16,7 +16,7 @@ import numpy as np
 
 from toolkit.bench import core
 from toolkit.disagg.diagnose import cuda_pointer_info
-from toolkit.disagg.transfer import PoolSpec
+from toolkit.cache.pool import PoolLayout
 
 
 def _random_bits(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -30,7 +30,7 @@ def _random_bits(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dty
 
 
 class Pool:
-    """K and V buffers ``[L, P, S, KV, Dh]`` on one device, plus what the benchmark needs."""
+    """K and V buffers ``[P, L, S, KV, Dh]`` on one device, plus what the benchmark needs."""
 
     gpu: bool
     device_id: int
@@ -39,7 +39,7 @@ class Pool:
         self.cfg = cfg
         self.shape = tuple(cfg["shape"])
         self.dtype = np.dtype(np_dtype(cfg["dtype"]))
-        self.page_bytes = int(np.prod(self.shape[2:])) * self.dtype.itemsize
+        self.page_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize  # one page, every layer
         self.host = None
         if fill_seed is not None:
             rng = np.random.default_rng(fill_seed)
@@ -49,22 +49,21 @@ class Pool:
         raise NotImplementedError
 
     def gather_host(self, pages: np.ndarray) -> np.ndarray:
-        """[2, L, n, ...] host copy of the pages (in this order)."""
+        """[2, n, L, ...] host copy of the pages (in this order)."""
         raise NotImplementedError
 
     def ceilings(self, n: int, gather: np.ndarray, dst_index: int, repeats: int) -> list[tuple[str, list[float]]]:
         raise NotImplementedError
 
-    def spec(self) -> PoolSpec:
-        L, P, S, KV, Dh = self.shape
-        return PoolSpec(L, P, S, KV, Dh, self.cfg["dtype"], self.page_bytes, "VRAM" if self.gpu else "DRAM",
-                        self.device_id if self.gpu else 0, tuple(int(a) for a in self.pointers()))
+    def layout(self) -> PoolLayout:
+        P, L, S, KV, Dh = self.shape
+        return PoolLayout(L, P, S, KV, Dh, self.cfg["dtype"]).placed(
+            "VRAM" if self.gpu else "DRAM", self.device_id if self.gpu else 0, self.pointers())
 
     def rows(self, pages: np.ndarray) -> np.ndarray:
-        """uint8 [2, L, n, page_bytes]: the bytes of each (buffer, layer, page) row."""
+        """uint8 [2, n, page_bytes]: the bytes of each (buffer, page) descriptor."""
         h = np.ascontiguousarray(self.gather_host(np.asarray(pages, np.int64)))
-        L, n = self.shape[0], len(pages)
-        return h.view(np.uint8).reshape(2, L, n, self.page_bytes)
+        return h.view(np.uint8).reshape(2, len(pages), self.page_bytes)
 
     def describe(self) -> list[str]:
         k, v = self.pointers()
@@ -93,7 +92,7 @@ def _timed(fn, sync, repeats: int) -> list[float]:
 
 def _numpy_ceilings(hk: np.ndarray, hv: np.ndarray, n: int, gather: np.ndarray, repeats: int):
     """DRAM pools: numpy copies of the same bytes (contiguous) and of the same pages (gather)."""
-    src = (np.ascontiguousarray(hk[:, :n]), np.ascontiguousarray(hv[:, :n]))
+    src = (np.ascontiguousarray(hk[:n]), np.ascontiguousarray(hv[:n]))
     dst = (np.empty_like(src[0]), np.empty_like(src[1]))
     outk, outv = np.empty_like(src[0]), np.empty_like(src[1])
 
@@ -102,8 +101,8 @@ def _numpy_ceilings(hk: np.ndarray, hv: np.ndarray, n: int, gather: np.ndarray, 
         np.copyto(dst[1], src[1])
 
     def take():
-        np.take(hk, gather, axis=1, out=outk)
-        np.take(hv, gather, axis=1, out=outv)
+        np.take(hk, gather, axis=0, out=outk)
+        np.take(hv, gather, axis=0, out=outv)
 
     return [("numpy copy (same bytes)", _timed(copy, lambda _: None, repeats)),
             ("numpy take (same pages)", _timed(take, lambda _: None, repeats))]
@@ -127,7 +126,7 @@ class _JaxPool(Pool):
             self.k = jax.device_put(self.host[0], self.dev)
             self.v = jax.device_put(self.host[1], self.dev)
         jax.block_until_ready((self.k, self.v))
-        self._gather = jax.jit(lambda k, v, i: jnp.stack([k[:, i], v[:, i]]))
+        self._gather = jax.jit(lambda k, v, i: jnp.stack([k[i], v[i]]))
 
     def pointers(self):
         return self.k.unsafe_buffer_pointer(), self.v.unsafe_buffer_pointer()
@@ -142,10 +141,10 @@ class _JaxPool(Pool):
         sync = jax.block_until_ready
         if not self.gpu:
             return _numpy_ceilings(np.asarray(self.k), np.asarray(self.v), n, gather, repeats)
-        sl = jax.jit(lambda k, v: (k[:, :n], v[:, :n]))
+        sl = jax.jit(lambda k, v: (k[:n], v[:n]))
         if dst_index == self.cfg["device"]:
             idx = jax.device_put(gather.astype(np.int32), self.dev)
-            ga = jax.jit(lambda k, v, i: (k[:, i], v[:, i]))
+            ga = jax.jit(lambda k, v, i: (k[i], v[i]))
             return [("jit slice copy (same device)", _timed(lambda: sl(self.k, self.v), sync, repeats)),
                     ("jit page gather (same device)", _timed(lambda: ga(self.k, self.v, idx), sync, repeats))]
         a = sync(sl(self.k, self.v))
@@ -182,7 +181,7 @@ class _TorchPool(Pool):
 
     def gather_host(self, pages):
         i = self.torch.as_tensor(pages, dtype=self.torch.long, device=self.dev)
-        return self.torch.stack([self.k[:, i], self.v[:, i]]).cpu().numpy()
+        return self.torch.stack([self.k[i], self.v[i]]).cpu().numpy()
 
     def ceilings(self, n, gather, dst_index, repeats):
         torch = self.torch
@@ -191,10 +190,10 @@ class _TorchPool(Pool):
         if dst_index == self.cfg["device"]:
             i = torch.as_tensor(gather, dtype=torch.long, device=self.dev)
             return [("torch slice clone (same device)",
-                     _timed(lambda: (self.k[:, :n].clone(), self.v[:, :n].clone()), self._sync, repeats)),
+                     _timed(lambda: (self.k[:n].clone(), self.v[:n].clone()), self._sync, repeats)),
                     ("torch page gather (same device)",
-                     _timed(lambda: (self.k[:, i], self.v[:, i]), self._sync, repeats))]
-        a = (self.k[:, :n].contiguous(), self.v[:, :n].contiguous())
+                     _timed(lambda: (self.k[i], self.v[i]), self._sync, repeats))]
+        a = (self.k[:n].contiguous(), self.v[:n].contiguous())
         other = torch.device(f"cuda:{dst_index}")
 
         def sync(_):
@@ -231,7 +230,7 @@ class _CupyPool(Pool):
         cp = self.cp
         with cp.cuda.Device(self.device_id):
             i = cp.asarray(pages)
-            return cp.asnumpy(cp.stack([self.k[:, i], self.v[:, i]]))
+            return cp.asnumpy(cp.stack([self.k[i], self.v[i]]))
 
     def ceilings(self, n, gather, dst_index, repeats):
         cp = self.cp
@@ -239,11 +238,11 @@ class _CupyPool(Pool):
             if dst_index == self.device_id:
                 i = cp.asarray(gather)
                 return [("cupy slice copy (same device)",
-                         _timed(lambda: (cp.ascontiguousarray(self.k[:, :n]), cp.ascontiguousarray(self.v[:, :n])),
+                         _timed(lambda: (cp.ascontiguousarray(self.k[:n]), cp.ascontiguousarray(self.v[:n])),
                                 self._sync, repeats)),
                         ("cupy page gather (same device)",
-                         _timed(lambda: (self.k[:, i], self.v[:, i]), self._sync, repeats))]
-            a = (cp.ascontiguousarray(self.k[:, :n]), cp.ascontiguousarray(self.v[:, :n]))
+                         _timed(lambda: (self.k[i], self.v[i]), self._sync, repeats))]
+            a = (cp.ascontiguousarray(self.k[:n]), cp.ascontiguousarray(self.v[:n]))
         with cp.cuda.Device(dst_index):
             out = (cp.empty(a[0].shape, a[0].dtype), cp.empty(a[1].shape, a[1].dtype))
 
@@ -266,5 +265,5 @@ def make_pool(cfg: dict, fill_seed: Optional[int]) -> Pool:
 def digest(pool: Pool, pages: np.ndarray, sample: list[int]) -> tuple[np.ndarray, bytes]:
     rows = pool.rows(pages)
     flat = rows.reshape(-1, rows.shape[-1])
-    crc = np.fromiter((zlib.crc32(r) for r in flat), np.uint32, count=flat.shape[0]).reshape(rows.shape[:3])
-    return crc, rows[:, :, sample].tobytes()
+    crc = np.fromiter((zlib.crc32(r) for r in flat), np.uint32, count=flat.shape[0]).reshape(rows.shape[:2])
+    return crc, rows[:, sample].tobytes()

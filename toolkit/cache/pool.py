@@ -1,6 +1,13 @@
 """The KV pool: two device buffers allocated once and donated through every step.
 
-    k, v  [L, P, S, KV, Dh]   one page of one layer is contiguous (S*KV*Dh elements)
+    k, v  [P, L, S, KV, Dh]   page-major: one page of every layer is contiguous
+                              (L*S*KV*Dh elements); page 0 is the padding page
+
+Why page-major: a transfer or a tier copy moves whole pages, and a page that is one
+contiguous piece of each buffer is one descriptor (two per page: K and V) instead of one
+per layer (docs/benchmarks.md: a scattered descriptor costs ~7 us on an H200 whatever its
+size, so 32 KiB pieces ran at 0.004 of copy speed). Attention reads one layer at a time,
+``pool[page, layer]``, an [S, KV, Dh] tile exactly as before; only its stride changed.
 
 Jitted steps take the buffers as donated arguments and return them, so XLA
 updates them in place and their device addresses never change; that is what
@@ -17,28 +24,96 @@ import numpy as np
 
 from toolkit.models.spec import ModelArgs
 
+PAGE_MAJOR = "page_major"  # [P, L, S, KV, Dh]: the name peers compare at handshake
+
+
+class LayoutMismatch(ValueError):
+    pass
+
 
 @dataclasses.dataclass(frozen=True)
 class PoolLayout:
+    """The one description of a KV pool: its shape and order (what two peers must agree on)
+    and, once allocated, where its buffers are (what a transfer backend registers).
+
+    A layout from ``for_model`` is not placed (no addresses); ``KVPool.describe()`` and the
+    handshake carry a placed one."""
+
     num_layers: int
     num_pages: int
     page_size: int
     num_kv_heads: int
     head_dim: int
     dtype: str
+    order: str = PAGE_MAJOR
+    mem_type: str = "DRAM"  # "DRAM" (host arrays) or "VRAM" (GPU arrays)
+    device_id: int = 0
+    addresses: tuple[int, ...] = ()  # one base address per buffer (K, V)
+
+    # Fields two pools must share for pages to move between them (num_pages may differ).
+    AGREE = ("order", "num_layers", "page_size", "num_kv_heads", "head_dim", "dtype", "num_buffers")
+
+    def __post_init__(self):
+        if self.order != PAGE_MAJOR:
+            raise LayoutMismatch(f"unknown KV pool order {self.order!r}; this build has {PAGE_MAJOR!r}")
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.num_layers, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        """[P, L, S, KV, Dh] of each buffer."""
+        return (self.num_pages, self.num_layers, self.page_size, self.num_kv_heads, self.head_dim)
 
     @property
-    def page_bytes(self) -> int:
-        """Bytes of one page of one layer of K (or V)."""
+    def layer_page_bytes(self) -> int:
+        """Bytes of one page of one layer of one buffer: the tile attention reads."""
         return self.page_size * self.num_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
 
     @property
+    def page_bytes(self) -> int:
+        """Bytes of one page of every layer of one buffer: one contiguous piece, the unit a
+        transfer (or a tier copy) moves; K and V of a page are two of them."""
+        return self.num_layers * self.layer_page_bytes
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    @property
     def total_bytes(self) -> int:
-        return 2 * self.num_layers * self.num_pages * self.page_bytes
+        return 2 * self.buffer_bytes
+
+    @property
+    def num_buffers(self) -> int:
+        return len(self.addresses) if self.addresses else 2
+
+    def page_offset(self, page: int) -> int:
+        """Byte offset of ``page`` in each buffer."""
+        return page * self.page_bytes
+
+    def placed(self, mem_type: str, device_id: int, addresses) -> "PoolLayout":
+        return dataclasses.replace(self, mem_type=mem_type, device_id=int(device_id),
+                                   addresses=tuple(int(a) for a in addresses))
+
+    def check_compatible(self, other: "PoolLayout") -> None:
+        """Raise LayoutMismatch naming the first field where the two pools differ."""
+        for f in self.AGREE:
+            mine, theirs = getattr(self, f), getattr(other, f)
+            if mine != theirs:
+                raise LayoutMismatch(f"KV layout mismatch: {f} is {mine!r} here and {theirs!r} on the peer")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["addresses"] = [int(a) for a in self.addresses]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PoolLayout":
+        """The peer's handshake payload; an order this build does not know is a LayoutMismatch
+        (naming both), anything else malformed a TypeError/ValueError/KeyError."""
+        d = dict(d)
+        if d.get("order", PAGE_MAJOR) != PAGE_MAJOR:
+            raise LayoutMismatch(f"KV layout mismatch: order is {PAGE_MAJOR!r} here and {d['order']!r} on the peer")
+        d["addresses"] = tuple(int(a) for a in d.get("addresses", ()))
+        return cls(**d)
 
     @classmethod
     def for_model(cls, args: ModelArgs, num_pages: int, page_size: int, dtype) -> "PoolLayout":
@@ -80,6 +155,12 @@ class KVPool:
 
     def buffer_pointers(self) -> tuple[int, int]:
         return (self.k.unsafe_buffer_pointer(), self.v.unsafe_buffer_pointer())
+
+    def describe(self) -> PoolLayout:
+        """The placed layout: what a transfer backend registers and sends at handshake."""
+        dev = self.k.devices().pop()
+        on_gpu = dev.platform == "gpu"
+        return self.layout.placed("VRAM" if on_gpu else "DRAM", dev.id if on_gpu else 0, self.buffer_pointers())
 
 
 def resolve_alloc(alloc: str, device) -> str:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.attention_ref import gather_pages, scatter_pages
-from toolkit.disagg.transfer import AuxBuffer, TransferBackend, TransferError, XferStatus, pool_spec
+from toolkit.disagg.transfer import AuxBuffer, TransferBackend, TransferError, XferStatus
 from toolkit.engine.buckets import bucket, pow2_buckets
 
 _REGISTRY: dict[str, "InprocBackend"] = {}
@@ -36,21 +36,21 @@ class InprocBackend(TransferBackend):
         if agent_name in _REGISTRY:
             raise ValueError(f"inproc agent {agent_name!r} already exists")
         self.agent_name, self.pool, self.aux = agent_name, pool, aux
-        self.spec = pool_spec(pool)
+        self.layout = pool.describe()
         self._peers: set[str] = set()
         self._notifs: list[bytes] = []
         self._page_buckets = pow2_buckets(1, pool.layout.num_pages)
         _REGISTRY[agent_name] = self
 
     def metadata(self) -> dict[str, Any]:
-        return {"agent": self.agent_name, "spec": self.spec.__dict__ | {"addresses": list(self.spec.addresses)}}
+        return {"agent": self.agent_name, "layout": self.layout.to_json()}
 
     def connect(self, peer: dict[str, Any]) -> str:
         name = peer["agent"]
         other = _REGISTRY.get(name)
         if other is None:
             raise TransferError(f"no inproc agent named {name!r} in this process")
-        self.spec.check_compatible(other.spec)
+        self.layout.check_compatible(other.layout)
         self._peers.add(name)
         return name
 

@@ -3,15 +3,18 @@
 Choices
 -------
 Descriptor granularity
-    One descriptor per (buffer, layer, page): ``base + spec.desc_offset(layer, page)``,
-    ``page_bytes`` long, in buffer-major order (K layers.., V layers..), followed by one
-    descriptor per aux slot (``AUX_DTYPE.itemsize`` each). Every buffer is registered once,
-    by raw address, at construction; the local list is prepared once and each peer's list
-    once at ``connect``. A write only computes index arrays (numpy, no per-page Python work):
-    for buffer b, layer l and page pair (src, dst) the local index is
-    ``(b*L + l)*P_local + src`` and the remote one ``(b*L + l)*P_remote + dst``; so the two
-    pools may have different ``num_pages``. NIXL merges index-adjacent descriptors that are
-    also address-contiguous, so runs of consecutive pages become one UCX put.
+    One descriptor per (buffer, page): ``base + layout.page_offset(page)``, ``page_bytes``
+    long (one page of every layer: the pool is page-major, ``toolkit.cache.pool``), in
+    buffer-major order (K pages.., V pages..), followed by one descriptor per aux slot
+    (``AUX_DTYPE.itemsize`` each). A page is two descriptors whatever the number of layers
+    (a layer-major pool cost 2*L: at ~7 us per scattered descriptor on an H200 that capped
+    scattered pages at 0.004 of copy speed). Every buffer is registered once, by raw
+    address, at construction; the local list is prepared once and each peer's list once at
+    ``connect``. A write only computes index arrays (numpy, no per-page Python work): for
+    buffer b and page pair (src, dst) the local index is ``b*P_local + src`` and the remote
+    one ``b*P_remote + dst``; so the two pools may have different ``num_pages``. NIXL merges
+    index-adjacent descriptors that are also address-contiguous, so runs of consecutive
+    pages become one UCX put (of every layer at once).
 
 How notifications piggyback
     The notification rides on the transfer request (``make_prepped_xfer(..., notif_msg)``);
@@ -63,7 +66,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from toolkit.disagg.transfer import (AUX_DTYPE, AuxBuffer, LayoutMismatch, PoolSpec, TransferBackend,
+from toolkit.disagg.transfer import (AUX_DTYPE, AuxBuffer, LayoutMismatch, PoolLayout, TransferBackend,
                                      TransferError, XferStatus)
 
 log = logging.getLogger(__name__)
@@ -141,13 +144,13 @@ def nixl_available() -> bool:
         return False
 
 
-def _descs(bases: tuple[int, ...], num_layers: int, num_pages: int, page_bytes: int, device_id: int) -> np.ndarray:
-    """Nx3 (address, length, device) rows, buffer-major, then layer, then page."""
-    offs = np.arange(num_layers * num_pages, dtype=np.uint64) * np.uint64(page_bytes)
-    rows = np.empty((len(bases) * offs.size, 3), np.uint64)
-    rows[:, 0] = (np.asarray(bases, np.uint64)[:, None] + offs[None, :]).reshape(-1)
-    rows[:, 1] = page_bytes
-    rows[:, 2] = device_id
+def _descs(lay: PoolLayout) -> np.ndarray:
+    """Nx3 (address, length, device) rows, buffer-major, then page."""
+    offs = np.arange(lay.num_pages, dtype=np.uint64) * np.uint64(lay.page_bytes)
+    rows = np.empty((len(lay.addresses) * offs.size, 3), np.uint64)
+    rows[:, 0] = (np.asarray(lay.addresses, np.uint64)[:, None] + offs[None, :]).reshape(-1)
+    rows[:, 1] = lay.page_bytes
+    rows[:, 2] = lay.device_id
     return rows
 
 
@@ -163,7 +166,7 @@ def _aux_descs(address: int, slots: int) -> np.ndarray:
 class _Peer:
     name: str
     agent_md: bytes
-    spec: PoolSpec
+    layout: PoolLayout
     aux_slots: int
     pool_list: Any  # prepared remote list of the peer's pages (and aux slots when combined)
     aux_list: Any  # the same handle when combined, else a DRAM list of the aux slots
@@ -194,10 +197,11 @@ class NixlXfer:
 class NixlBackend(TransferBackend):
     name = "nixl"
 
-    def __init__(self, agent_name: str, spec: PoolSpec, aux: AuxBuffer, backends=("UCX",), *,
+    def __init__(self, agent_name: str, layout: PoolLayout, aux: AuxBuffer, backends=("UCX",), *,
                  progress_delay_us: Optional[int] = 100, split_aux: Optional[bool] = None,
                  backend_params: Optional[dict] = None):
-        """``progress_delay_us``: pause of NIXL's progress thread between passes (0: NIXL's
+        """``layout``: the placed layout of this side's pool (``KVPool.describe()``).
+        ``progress_delay_us``: pause of NIXL's progress thread between passes (0: NIXL's
         own busy-spinning thread; None: no thread, progress only inside ``status`` and
         ``notifications``). ``split_aux``: post pages and aux as two requests even when one
         would do (both pools in DRAM); None = only when needed. Exists so CPU tests cover the
@@ -205,10 +209,12 @@ class NixlBackend(TransferBackend):
         {"num_threads": 8, "split_batch_size": 64}}`` (UCX: a write of at least
         split_batch_size descriptors is split across num_threads worker threads)."""
         api = _nixl_api()
-        if spec.mem_type not in ("DRAM", "VRAM"):
-            raise ValueError(f"mem_type must be DRAM or VRAM, not {spec.mem_type!r}")
+        if layout.mem_type not in ("DRAM", "VRAM"):
+            raise ValueError(f"mem_type must be DRAM or VRAM, not {layout.mem_type!r}")
+        if not layout.addresses:
+            raise ValueError("the pool layout is not placed (no buffer addresses): pass KVPool.describe()")
         self.agent_name = agent_name
-        self.spec = spec
+        self.layout = layout
         self.aux = aux
         self._backends = list(backends)
         self._force_split = bool(split_aux)
@@ -222,21 +228,20 @@ class NixlBackend(TransferBackend):
         self._lists: list[Any] = []
         self._closed = False
 
-        L, P, pb = spec.num_layers, spec.num_pages, spec.page_bytes
         self._aux_slots = len(aux.records)
-        pool_len = L * P * pb
+        pool_len = layout.buffer_bytes
         try:
             self._regs.append(self._agent.register_memory(
-                [(int(a), pool_len, spec.device_id, "") for a in spec.addresses], spec.mem_type, self._backends))
+                [(int(a), pool_len, layout.device_id, "") for a in layout.addresses], layout.mem_type, self._backends))
             self._regs.append(self._agent.register_memory(
                 [(aux.address, aux.nbytes, 0, "")], "DRAM", self._backends))
-            pages = _descs(spec.addresses, L, P, pb, spec.device_id)
+            pages = _descs(layout)
             auxd = _aux_descs(aux.address, self._aux_slots)
-            if spec.mem_type == "DRAM":
+            if layout.mem_type == "DRAM":
                 self._lpool = self._prep(_LOCAL, np.concatenate([pages, auxd]), "DRAM")
                 self._laux, self._laux_base = self._lpool, len(pages)
             else:
-                self._lpool = self._prep(_LOCAL, pages, spec.mem_type)
+                self._lpool = self._prep(_LOCAL, pages, layout.mem_type)
                 self._laux, self._laux_base = self._prep(_LOCAL, auxd, "DRAM"), 0
         except Exception:
             self.close()
@@ -250,11 +255,9 @@ class NixlBackend(TransferBackend):
     # ---- handshake -------------------------------------------------------------------------
 
     def metadata(self) -> dict[str, Any]:
-        spec = dataclasses.asdict(self.spec)
-        spec["addresses"] = [int(a) for a in self.spec.addresses]
         return {"backend": self.name, "agent": self.agent_name,
                 "agent_metadata": base64.b64encode(self._agent.get_agent_metadata()).decode("ascii"),
-                "spec": spec, "aux_address": int(self.aux.address), "aux_slots": self._aux_slots,
+                "layout": self.layout.to_json(), "aux_address": int(self.aux.address), "aux_slots": self._aux_slots,
                 "aux_itemsize": AUX_DTYPE.itemsize}
 
     def connect(self, peer: dict[str, Any]) -> str:
@@ -262,15 +265,15 @@ class NixlBackend(TransferBackend):
             raise LayoutMismatch(f"transfer backend mismatch: {self.name!r} here and "
                                  f"{peer.get('backend')!r} on the peer")
         try:
-            fields = dict(peer["spec"])
-            fields["addresses"] = tuple(int(a) for a in fields["addresses"])
-            spec = PoolSpec(**fields)
+            theirs = PoolLayout.from_json(peer["layout"])
             md = base64.b64decode(peer["agent_metadata"])
             name = str(peer["agent"])
             aux_address, aux_slots = int(peer["aux_address"]), int(peer["aux_slots"])
+        except LayoutMismatch:
+            raise
         except (KeyError, TypeError, ValueError) as e:
             raise TransferError(f"malformed NIXL handshake payload: {e!r}") from e
-        self.spec.check_compatible(spec)  # before NIXL learns anything about the peer
+        self.layout.check_compatible(theirs)  # before NIXL learns anything about the peer
         if peer.get("aux_itemsize", AUX_DTYPE.itemsize) != AUX_DTYPE.itemsize:
             raise LayoutMismatch(f"aux record size mismatch: {AUX_DTYPE.itemsize} here and "
                                  f"{peer['aux_itemsize']} on the peer")
@@ -290,15 +293,15 @@ class NixlBackend(TransferBackend):
             raise TransferError(f"peer metadata names agent {added!r}, handshake says {name!r}")
         lists: list[Any] = []
         try:
-            pages = _descs(spec.addresses, spec.num_layers, spec.num_pages, spec.page_bytes, spec.device_id)
+            pages = _descs(theirs)
             auxd = _aux_descs(aux_address, aux_slots)
-            if spec.mem_type == "DRAM":
+            if theirs.mem_type == "DRAM":
                 pool_list = self._agent.prep_xfer_dlist(name, np.concatenate([pages, auxd]), "DRAM",
                                                         self._backends)
                 lists.append(pool_list)
                 aux_list, aux_base = pool_list, len(pages)
             else:
-                pool_list = self._agent.prep_xfer_dlist(name, pages, spec.mem_type, self._backends)
+                pool_list = self._agent.prep_xfer_dlist(name, pages, theirs.mem_type, self._backends)
                 lists.append(pool_list)
                 aux_list = self._agent.prep_xfer_dlist(name, auxd, "DRAM", self._backends)
                 lists.append(aux_list)
@@ -308,7 +311,7 @@ class NixlBackend(TransferBackend):
                 _quiet(h.release)
             _quiet(self._agent.remove_remote_agent, name)
             raise TransferError(f"cannot prepare descriptors of peer {name!r}: {e!r}") from e
-        self._peers[name] = _Peer(name, md, spec, aux_slots, pool_list, aux_list, aux_base)
+        self._peers[name] = _Peer(name, md, theirs, aux_slots, pool_list, aux_list, aux_base)
         return name
 
     # ---- initiator -------------------------------------------------------------------------
@@ -318,13 +321,14 @@ class NixlBackend(TransferBackend):
         dst = np.asarray(dst_pages, np.int64).reshape(-1)
         if src.size != dst.size:
             raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
-        if src.size and (src.min() < 0 or src.max() >= self.spec.num_pages):
-            raise ValueError(f"source page out of range [0, {self.spec.num_pages}): {src.tolist()}")
-        if dst.size and (dst.min() < 0 or dst.max() >= peer.spec.num_pages):
-            raise ValueError(f"destination page out of range [0, {peer.spec.num_pages}): {dst.tolist()}")
-        rows = np.arange(len(self.spec.addresses) * self.spec.num_layers, dtype=np.int64)[:, None]
-        local = (rows * self.spec.num_pages + src[None, :]).reshape(-1)
-        remote = (rows * peer.spec.num_pages + dst[None, :]).reshape(-1)
+        here, there = self.layout.num_pages, peer.layout.num_pages
+        if src.size and (src.min() < 0 or src.max() >= here):
+            raise ValueError(f"source page out of range [0, {here}): {src.tolist()}")
+        if dst.size and (dst.min() < 0 or dst.max() >= there):
+            raise ValueError(f"destination page out of range [0, {there}): {dst.tolist()}")
+        bufs = np.arange(self.layout.num_buffers, dtype=np.int64)[:, None]
+        local = (bufs * here + src[None, :]).reshape(-1)
+        remote = (bufs * there + dst[None, :]).reshape(-1)
         return local.astype(np.int32), remote.astype(np.int32)
 
     def write(self, peer: str, src_pages: list[int], dst_pages: list[int],

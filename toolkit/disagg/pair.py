@@ -30,9 +30,8 @@ def make_backend(kind: str, agent_name: str, engine: Engine, aux: AuxBuffer, tcf
         return InprocBackend(agent_name, engine.pool, aux)
     if kind == "nixl":
         from toolkit.disagg.nixl_backend import NixlBackend
-        from toolkit.disagg.transfer import pool_spec
 
-        return NixlBackend(agent_name, pool_spec(engine.pool), aux, backends=tuple(tcfg.nixl_backends))
+        return NixlBackend(agent_name, engine.pool.describe(), aux, backends=tuple(tcfg.nixl_backends))
     raise ValueError(f"transfer.backend={kind!r}; allowed: {', '.join(PD_TRANSFER_BACKENDS)}")
 
 

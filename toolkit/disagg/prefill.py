@@ -141,8 +141,7 @@ class PrefillWorker(WorkerBase):
         r.pages_sent = ready
         r.src_pages += src
         r.last_posted = done
-        self.stats["transfer_bytes"] += 2 * len(src) * self.engine.args.num_layers \
-            * self.engine.pool.layout.page_bytes
+        self.stats["transfer_bytes"] += 2 * len(src) * self.engine.pool.layout.page_bytes
         if r.state is RoomState.WAITING_FOR_INPUT:
             r.set(RoomState.TRANSFERRING)
 

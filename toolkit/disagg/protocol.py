@@ -68,7 +68,7 @@ def parse_notif(raw: bytes) -> tuple[int, str, int] | None:
 
 
 def pages_checksum(k_host: np.ndarray, v_host: np.ndarray) -> int:
-    """64-bit digest of a room's pages ([L, n, ...] host copies of K and V, in page order)."""
+    """64-bit digest of a room's pages ([n, L, ...] host copies of K and V, in page order)."""
     h = hashlib.blake2b(digest_size=8)
     h.update(np.ascontiguousarray(k_host).tobytes())
     h.update(np.ascontiguousarray(v_host).tobytes())

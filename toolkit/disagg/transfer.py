@@ -2,8 +2,9 @@
 
 A backend is created on each side around that side's buffers:
 
-    pools   the KV pool buffers (K and V), each [L, P, S, KV, Dh], one page of one layer
-            contiguous; registered once (their addresses never move: they are donated
+    pools   the KV pool buffers (K and V), each [P, L, S, KV, Dh], one page of every layer
+            contiguous (``toolkit.cache.pool.PoolLayout``, placed: the peers compare it at
+            handshake); registered once (their addresses never move: they are donated
             through every jitted step)
     aux     an ``AuxBuffer``: a small host array of fixed-size records, one slot per room
     states  extra per-request state buffers (recurrent layers); empty for attention-only
@@ -18,13 +19,13 @@ transfer that carries it has landed.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import enum
 from typing import Any, Optional
 
 import numpy as np
 
 from toolkit.cache.holds import Holds
+from toolkit.cache.pool import LayoutMismatch, PoolLayout  # noqa: F401 -- re-exported for backends
 
 # One aux record: which room it belongs to (decode checks it against the slot's
 # room to detect a slot mix-up), the first sampled token, its logprob, and an
@@ -86,39 +87,6 @@ class AuxBuffer:
         return self.records.nbytes
 
 
-@dataclasses.dataclass(frozen=True)
-class PoolSpec:
-    """What the peers must agree on (checked at handshake) plus where the buffers are."""
-
-    num_layers: int
-    num_pages: int
-    page_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str
-    page_bytes: int  # bytes of one page of one layer of one buffer
-    mem_type: str  # "DRAM" (CPU arrays) or "VRAM" (GPU arrays)
-    device_id: int
-    addresses: tuple[int, ...]  # one base address per pool buffer (K, V)
-
-    AGREE = ("num_layers", "page_size", "num_kv_heads", "head_dim", "dtype", "page_bytes")
-
-    def check_compatible(self, other: "PoolSpec") -> None:
-        """Raise LayoutMismatch naming the first field where the two pools differ."""
-        for f in self.AGREE + ("num_buffers",):
-            mine = getattr(self, f) if f != "num_buffers" else len(self.addresses)
-            theirs = getattr(other, f) if f != "num_buffers" else len(other.addresses)
-            if mine != theirs:
-                raise LayoutMismatch(f"KV layout mismatch: {f} is {mine!r} here and {theirs!r} on the peer")
-
-    def desc_offset(self, layer: int, page: int) -> int:
-        return (layer * self.num_pages + page) * self.page_bytes
-
-
-class LayoutMismatch(ValueError):
-    pass
-
-
 class TransferError(RuntimeError):
     pass
 
@@ -136,7 +104,8 @@ class TransferBackend(abc.ABC):
 
     @abc.abstractmethod
     def metadata(self) -> dict[str, Any]:
-        """JSON-serialisable handshake payload: agent identity/metadata and ``PoolSpec`` fields."""
+        """JSON-serialisable handshake payload: agent identity/metadata and the placed
+        ``PoolLayout`` (``layout.to_json()``)."""
 
     @abc.abstractmethod
     def connect(self, peer: dict[str, Any]) -> str:
@@ -171,13 +140,3 @@ class TransferBackend(abc.ABC):
 
     def close(self) -> None:
         """Deregister buffers and stop the agent."""
-
-
-def pool_spec(pool) -> PoolSpec:
-    """The ``PoolSpec`` of a ``toolkit.cache.pool.KVPool`` (reads the raw buffer addresses)."""
-    lay = pool.layout
-    dev = pool.k.devices().pop() if hasattr(pool.k, "devices") else None
-    on_gpu = dev is not None and dev.platform == "gpu"
-    return PoolSpec(lay.num_layers, lay.num_pages, lay.page_size, lay.num_kv_heads, lay.head_dim, lay.dtype,
-                    lay.page_bytes, "VRAM" if on_gpu else "DRAM", dev.id if on_gpu else 0,
-                    tuple(pool.buffer_pointers()))

@@ -14,7 +14,7 @@ import numpy as np
 from toolkit.cache.allocator import pages_for
 from toolkit.cache.manager import CacheManager
 from toolkit.cache.radix import hash_seed
-from toolkit.cache.pool import KVPool, PoolLayout
+from toolkit.cache.pool import PAGE_MAJOR, KVPool, PoolLayout
 from toolkit.config import validate as V
 from toolkit.config.schema import CacheConfig, EngineConfig, ModelConfig
 from toolkit.engine import compile_cache
@@ -130,7 +130,8 @@ class Engine:
         num_pages = pool_pages(ecfg, page_bytes)
         # the one owner of pages: allocator, prefix cache, deferred releases
         self.kv = CacheManager(num_pages, ecfg.page_size, self.cache_cfg.policy,
-                               seed=hash_seed(dataclasses.asdict(self.args), jnp.dtype(dtype).name, ecfg.page_size))
+                               seed=hash_seed(dataclasses.asdict(self.args), jnp.dtype(dtype).name, ecfg.page_size,
+                                             PAGE_MAJOR))
         self.scheduler = Scheduler(ecfg, self.kv, self.max_model_len)
         self.runner = ModelRunner(ckpt.args, ckpt.weights, ecfg, dtype, num_pages, self.max_model_len,
                                   decode_family=not prefill_only)
@@ -342,9 +343,9 @@ class Engine:
         jax.block_until_ready((self.runner.pool.k, self.runner.pool.v))
 
     def read_pages(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Host copies of K and V of ``pages`` in every layer: ([L, n, S, KV, Dh],) * 2."""
+        """Host copies of K and V of ``pages`` in every layer: ([n, L, S, KV, Dh],) * 2."""
         idx = np.asarray(pages, np.int32)
-        return np.asarray(self.runner.pool.k[:, idx]), np.asarray(self.runner.pool.v[:, idx])
+        return np.asarray(self.runner.pool.k[idx]), np.asarray(self.runner.pool.v[idx])
 
     # ---- the step ----------------------------------------------------------------
 
