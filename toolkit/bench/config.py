@@ -75,7 +75,8 @@ class TransferBench:
     dst_device: int = 0
     alloc: str = "jax"  # jax (XLA's VMM memory) | torch | cupy (cudaMalloc)
     platform: str = ""  # JAX_PLATFORMS for the two processes (e.g. cpu: DRAM pools)
-    patterns: list[str] = field(default_factory=lambda: ["random", "contig"])
+    patterns: list[str] = field(default_factory=lambda: ["random", "contig"])  # + rooms, staged
+    rooms: int = 64  # concurrent writes of the rooms pattern
     repeats: int = 5
     warmup: int = 1
     seed: int = 0

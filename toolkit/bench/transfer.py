@@ -16,6 +16,12 @@ prefill) each own a page-major KV pool ``[P, L, S, KV, Dh]`` x (K, V) on the cho
              merges (2*n descriptors of ``page_bytes``: one page of every layer)
     contig   pages 0..n-1 into pages n..2n-1: NIXL can merge each buffer's run into one
              descriptor (2 descriptors of n*page_bytes)
+    rooms    the random pages as ``bench.rooms`` writes posted back to back (concurrent
+             rooms, each with its aux record and notification), timed until all are DONE
+    staged   the staging path: ``src`` gathers the random pages into a contiguous region
+             of its pool (pages 2n..3n-1), writes that region into the same region of
+             ``dst`` (2 descriptors), and ``dst`` scatters it to the random destination
+             pages when the notification arrives; time = gather + write + scatter
 
 each with the aux record and a notification (the real two-stage write when the pools are
 VRAM), median over ``bench.repeats`` after ``bench.warmup``. The bytes are verified
@@ -105,7 +111,7 @@ def _serve_source(conn, backend, pool: Pool) -> None:
             peer = backend.connect(cmd[1])
             conn.send(("ok", peer))
         elif op == "run":
-            conn.send(("ran", _run_writes(backend, peer, *cmd[1:])))
+            conn.send(("ran", _run_writes(backend, pool, peer, *cmd[1:])))
         elif op == "rows":
             conn.send(("rows",) + digest(pool, cmd[1], cmd[2]))
         elif op == "ceiling":
@@ -117,23 +123,41 @@ def _serve_source(conn, backend, pool: Pool) -> None:
             return
 
 
-def _run_writes(backend, peer, tag, src, dst, warmup, repeats, timeout_s, with_aux) -> list[dict]:
+def _writes(backend, pool: Pool, peer, tag: str, i: int, src, dst, with_aux: bool, rooms: int) -> list:
+    """Post one repetition of a pattern: the handles to poll (the last carries the tag)."""
+    notif = f"{tag}|{i}|{time.time():.6f}".encode()
+    if tag == "staged":
+        n = len(src)
+        region = np.arange(2 * n, 3 * n)
+        pool.stage(src, region)  # gather, waited on: the write must read the gathered pages
+        src = dst = region
+    if tag != "rooms":
+        return [backend.write(peer, src, dst, (0, 0) if with_aux else None, notif)]
+    parts = list(zip(np.array_split(src, rooms), np.array_split(dst, rooms)))
+    return [backend.write(peer, sp, dp, (r % 4, r % 4) if with_aux else None,
+                          notif if r == len(parts) - 1 else b"room-%d" % r)
+            for r, (sp, dp) in enumerate(parts)]
+
+
+def _run_writes(backend, pool: Pool, peer, tag, src, dst, warmup, repeats, timeout_s, with_aux, rooms) -> list[dict]:
     out = []
     for i in range(warmup + repeats):
-        notif = f"{tag}|{i}|{time.time():.6f}".encode()
         t0 = time.perf_counter()
         try:
-            h = backend.write(peer, src, dst, (0, 0) if with_aux else None, notif)
+            hs = _writes(backend, pool, peer, tag, i, src, dst, with_aux, rooms)
         except Exception as e:
             out.append({"i": i, "error": repr(e)})
             break
         t_post = time.perf_counter()
-        st = backend.status(h)
-        while st is XferStatus.PROC and time.perf_counter() - t0 < timeout_s:
-            st = backend.status(h)
+        states = [backend.status(h) for h in hs]
+        while any(st is XferStatus.PROC for st in states) and time.perf_counter() - t0 < timeout_s:
+            states = [backend.status(h) for h in hs]
         t1 = time.perf_counter()
-        rec = {"i": i, "post_s": t_post - t0, "total_s": t1 - t0, "state": st.value, "error": h.error}
-        backend.release(h)
+        st = next((x for x in states if x is not XferStatus.DONE), XferStatus.DONE)
+        rec = {"i": i, "post_s": t_post - t0, "total_s": t1 - t0, "state": st.value,
+               "error": next((h.error for h in hs if h.error), None)}
+        for h in hs:
+            backend.release(h)
         if st is XferStatus.PROC:
             rec["error"] = f"not DONE after {timeout_s:.0f} s"
         out.append(rec)
@@ -145,22 +169,34 @@ def _run_writes(backend, peer, tag, src, dst, warmup, repeats, timeout_s, with_a
 def _serve_target(conn, backend, pool: Pool) -> None:
     arrivals: dict[str, list[tuple[int, float]]] = {}
 
+    staged: dict[int, float] = {}  # repetition -> seconds of the target's scatter
+
     def drain():
         for m in backend.notifications():
             try:
                 tag, i, t0 = m.decode().split("|")
-                arrivals.setdefault(tag, []).append((int(i), time.time() - float(t0)))
             except ValueError:
-                pass
+                continue  # a room's own notification (only the last one is tagged)
+            arrivals.setdefault(tag, []).append((int(i), time.time() - float(t0)))
+            if tag == "staged":
+                n = len(staged_dst[0])
+                t = time.perf_counter()
+                pool.unstage(np.arange(2 * n, 3 * n), staged_dst[0])
+                staged[int(i)] = time.perf_counter() - t
+
+    staged_dst = [np.zeros(0, np.int64)]
 
     for cmd in _commands(conn, os.getppid(), idle=drain):
-        if cmd[0] == "rows":
+        if cmd[0] == "expect":  # the destination pages of the staged pattern, before it runs
+            staged_dst[0] = np.asarray(cmd[1], np.int64)
+            conn.send(("ok",))
+        elif cmd[0] == "rows":
             pages, sample, tag, expected, wait_s = cmd[1:]
             t0 = time.monotonic()
             while len(arrivals.get(tag, [])) < expected and time.monotonic() - t0 < wait_s:
                 drain()
                 time.sleep(0.0005)
-            conn.send(("rows",) + digest(pool, pages, sample) + (arrivals.get(tag, []),))
+            conn.send(("rows",) + digest(pool, pages, sample) + (arrivals.get(tag, []), dict(staged)))
         elif cmd[0] == "exit":
             return
 
@@ -217,9 +253,10 @@ def pool_shape(b: config.TransferBench) -> tuple[tuple[int, ...], int, int]:
     page_bytes = b.layers * b.page_size * b.kv_heads * b.head_dim * np.dtype(np_dtype(b.dtype)).itemsize
     per_page = 2 * page_bytes  # one page, every layer, K and V
     n = max(1, round(b.mib * 2**20 / per_page))
-    P = b.pool_pages or 2 * n
-    if P < 2 * n:
-        raise ConfigError(f"bench.pool_pages={P} < 2 x {n} transferred pages")
+    need = (3 if "staged" in b.patterns else 2) * n  # the staged pattern's region: pages 2n..3n-1
+    P = b.pool_pages or need
+    if P < need:
+        raise ConfigError(f"bench.pool_pages={P} < {need // n} x {n} transferred pages")
     return (P, b.layers, b.page_size, b.kv_heads, b.head_dim), n, page_bytes
 
 
@@ -259,6 +296,10 @@ def _patterns(b: config.TransferBench, n: int, rng) -> list[tuple]:
                     rng.permutation(np.arange(1, 2 * n, 2))[:n], 2 * n))
     if "contig" in b.patterns:
         out.append(("contig", np.arange(n), np.arange(n, 2 * n), 2))
+    for name in ("rooms", "staged"):
+        if name in b.patterns:
+            out.append((name, rng.permutation(np.arange(0, 2 * n, 2))[:n],
+                        rng.permutation(np.arange(1, 2 * n, 2))[:n], 2 * n))
     return out
 
 
@@ -266,14 +307,17 @@ def _write_pattern(src: _Peer, dst: _Peer, b: config.TransferBench, pattern: tup
                    n: int, nbytes: int) -> dict:
     """Time the writes of one pattern, then verify both sides' pages: one raw result."""
     name, sp, dp, ndesc = pattern
-    src.send("run", name, sp, dp, b.warmup, b.repeats, b.xfer_timeout_s, b.aux)
+    if name == "staged":
+        dst.send("expect", dp)
+        dst.recv(30, "setting the staged destination")
+    src.send("run", name, sp, dp, b.warmup, b.repeats, b.xfer_timeout_s, b.aux, b.rooms)
     _, recs = src.recv((b.warmup + b.repeats) * (b.xfer_timeout_s + 5) + 30, f"writing {name}")
     errors = [r["error"] for r in recs if r.get("error")]
     timed = [r for r in recs[b.warmup:] if r.get("state") == "DONE" and not r.get("error")]
     src.send("rows", sp, sample)
     _, crc_s, smp_s = src.recv(300, "reading source pages")
     dst.send("rows", dp, sample, name, len(recs) if not errors else 0, 30.0)
-    _, crc_d, smp_d, arrivals = dst.recv(300, "reading destination pages")
+    _, crc_d, smp_d, arrivals, scatter = dst.recv(300, "reading destination pages")
     bad = int(np.count_nonzero(crc_s != crc_d))
     verify = "ok" if bad == 0 and smp_s == smp_d else \
         f"BAD {bad}/{crc_s.size} rows" + ("" if smp_s == smp_d else ", sample differs")
@@ -281,8 +325,14 @@ def _write_pattern(src: _Peer, dst: _Peer, b: config.TransferBench, pattern: tup
         verify = "ERR " + errors[0]
     print(f"   {name}: {len(recs)} writes, totals ms "
           f"{[round(r.get('total_s', float('nan')) * 1e3, 1) for r in recs]}, verify {verify}", file=sys.stderr)
-    return {"variant": f"nixl WRITE {name}", "bytes": nbytes, "descs": f"{2 * n}/{ndesc}",
-            "times": [r["total_s"] for r in timed], "post": [r["post_s"] for r in timed],
+    if name == "staged":  # gather + write (src) + scatter (dst, after the notification)
+        times = [r["total_s"] + scatter.get(r["i"], float("nan")) for r in timed]
+        ndesc = 2
+    else:
+        times = [r["total_s"] for r in timed]
+    label = {"rooms": f"rooms x{b.rooms}", "staged": "staged (gather, write, scatter)"}.get(name, name)
+    return {"variant": f"nixl WRITE {label}", "bytes": nbytes, "descs": f"{2 * n}/{ndesc}",
+            "times": times, "post": [r["post_s"] for r in timed],
             "notif": [t for i, t in arrivals if i >= b.warmup], "verify": verify,
             "notifs": f"{len(arrivals)}/{len(recs)}", "ok": verify == "ok" and len(timed) == b.repeats}
 

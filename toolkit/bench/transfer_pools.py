@@ -55,6 +55,15 @@ class Pool:
     def ceilings(self, n: int, gather: np.ndarray, dst_index: int, repeats: int) -> list[tuple[str, list[float]]]:
         raise NotImplementedError
 
+    def stage(self, pages: np.ndarray, region: np.ndarray) -> None:
+        """The staging path's gather: copy ``pages`` (every layer, K and V) into the
+        consecutive pages ``region`` of the same pool, in place, and wait for it."""
+        raise NotImplementedError(f"the staged pattern is not implemented for alloc={self.cfg['alloc']}")
+
+    def unstage(self, region: np.ndarray, pages: np.ndarray) -> None:
+        """The staging path's scatter: the inverse of ``stage``, in place, waited on."""
+        raise NotImplementedError(f"the staged pattern is not implemented for alloc={self.cfg['alloc']}")
+
     def layout(self) -> PoolLayout:
         P, L, S, KV, Dh = self.shape
         return PoolLayout(L, P, S, KV, Dh, self.cfg["dtype"]).placed(
@@ -131,6 +140,24 @@ class _JaxPool(Pool):
     def pointers(self):
         return self.k.unsafe_buffer_pointer(), self.v.unsafe_buffer_pointer()
 
+    def _move(self, fn, a: np.ndarray, b: np.ndarray) -> None:
+        before = self.pointers()
+        ia, ib = (self.jax.device_put(np.asarray(x, np.int32), self.dev) for x in (a, b))
+        self.k, self.v = fn(self.k, self.v, ia, ib)
+        self.jax.block_until_ready((self.k, self.v))
+        assert self.pointers() == before, "donated pool moved: NIXL registered the old address"
+
+    def stage(self, pages, region):
+        if not hasattr(self, "_stage"):
+            from kernels.attention_ref import gather_pages, scatter_pages
+
+            move = lambda x, i, j: scatter_pages(x, j, gather_pages(x, i))  # noqa: E731
+            self._stage = self.jax.jit(lambda k, v, i, j: (move(k, i, j), move(v, i, j)), donate_argnums=(0, 1))
+        self._move(self._stage, pages, region)
+
+    def unstage(self, region, pages):
+        self.stage(region, pages)  # the same page-to-page move, the other way
+
     def gather_host(self, pages):
         # A jitted gather reads the device memory as it is now (never a cached host copy).
         idx = self.jax.device_put(pages.astype(np.int32), self.dev)
@@ -178,6 +205,20 @@ class _TorchPool(Pool):
 
     def pointers(self):
         return self.k.data_ptr(), self.v.data_ptr()
+
+    def stage(self, pages, region):
+        i = self.torch.as_tensor(np.asarray(pages), dtype=self.torch.long, device=self.dev)
+        r0, r1 = int(region[0]), int(region[-1]) + 1
+        for t in (self.k, self.v):
+            self.torch.index_select(t, 0, i, out=t[r0:r1])
+        self._sync(None)
+
+    def unstage(self, region, pages):
+        i = self.torch.as_tensor(np.asarray(pages), dtype=self.torch.long, device=self.dev)
+        r0, r1 = int(region[0]), int(region[-1]) + 1
+        for t in (self.k, self.v):
+            t.index_copy_(0, i, t[r0:r1])
+        self._sync(None)
 
     def gather_host(self, pages):
         i = self.torch.as_tensor(pages, dtype=self.torch.long, device=self.dev)
