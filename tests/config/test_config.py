@@ -84,3 +84,23 @@ def test_radix_is_the_default_and_every_role_takes_it(no_alloc):
         c = RunConfig(model=TINY_MODEL, engine=engine_cfg())
         c.role.name, c.transfer.backend = role, "nixl" if role != "unified" else "none"
         validate(c)
+
+
+def test_ucx_threads_only_with_nixl(no_alloc):
+    """Guards against a NIXL thread setting being accepted (and silently ignored) with another
+    transfer backend, or a negative thread count reaching NIXL."""
+    from toolkit.config.schema import RunConfig
+    from toolkit.config.validate import validate
+
+    def cfg(backend, **t):
+        c = RunConfig(model=TINY_MODEL, engine=engine_cfg())
+        c.role.name, c.transfer.backend = "prefill", backend
+        for k, v in t.items():
+            setattr(c.transfer, k, v)
+        return c
+
+    validate(cfg("nixl", ucx_threads=8))
+    with pytest.raises(ConfigError, match="transfer.ucx_threads=8 is a NIXL setting; transfer.backend=inproc"):
+        validate(cfg("inproc", ucx_threads=8))
+    with pytest.raises(ConfigError, match="transfer.ucx_threads=-1 must be >= 0"):
+        validate(cfg("nixl", ucx_threads=-1))

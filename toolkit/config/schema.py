@@ -152,6 +152,11 @@ class TransferConfig:
     max_rooms: int = 256
     # NIXL backends to load (UCX moves DRAM and VRAM).
     nixl_backends: list[str] = field(default_factory=lambda: ["UCX"])
+    # NIXL's UCX worker threads (0: one worker). A write of at least ucx_split_batch
+    # descriptors is split across them: scattered pages on one H200, 1 MiB each, 141 GB/s
+    # with one worker, 367 with 8 (docs/benchmarks.md).
+    ucx_threads: int = 0
+    ucx_split_batch: int = 64
 
 
 @dataclasses.dataclass

@@ -117,6 +117,11 @@ def validate_pd(role, t, disagg: bool = False) -> None:
     _need(t.quarantine_s >= 0, f"transfer.quarantine_s={t.quarantine_s} must be >= 0")
     _need(0 <= t.fault_rate <= 1, f"transfer.fault_rate={t.fault_rate} must be in [0, 1]")
     _need(t.max_rooms >= 1, f"transfer.max_rooms={t.max_rooms} must be >= 1")
+    _need(t.ucx_threads >= 0 and t.ucx_split_batch >= 1,
+          f"transfer.ucx_threads={t.ucx_threads} must be >= 0 and transfer.ucx_split_batch="
+          f"{t.ucx_split_batch} >= 1")
+    _need(t.ucx_threads == 0 or t.backend == "nixl",
+          f"transfer.ucx_threads={t.ucx_threads} is a NIXL setting; transfer.backend={t.backend}")
 
 
 def validate_cache(c) -> None:

@@ -31,7 +31,9 @@ def make_backend(kind: str, agent_name: str, engine: Engine, aux: AuxBuffer, tcf
     if kind == "nixl":
         from toolkit.disagg.nixl_backend import NixlBackend
 
-        return NixlBackend(agent_name, engine.pool.describe(), aux, backends=tuple(tcfg.nixl_backends))
+        ucx = {"num_threads": tcfg.ucx_threads, "split_batch_size": tcfg.ucx_split_batch}
+        return NixlBackend(agent_name, engine.pool.describe(), aux, backends=tuple(tcfg.nixl_backends),
+                           backend_params={"UCX": ucx} if tcfg.ucx_threads else None)
     raise ValueError(f"transfer.backend={kind!r}; allowed: {', '.join(PD_TRANSFER_BACKENDS)}")
 
 
