@@ -207,17 +207,19 @@ class _TorchPool(Pool):
         return self.k.data_ptr(), self.v.data_ptr()
 
     def stage(self, pages, region):
+        # One pass: gather straight into the region. torch refuses an output overlapping its
+        # input, so the input is the pool below the region (every pattern page is < region[0]).
         i = self.torch.as_tensor(np.asarray(pages), dtype=self.torch.long, device=self.dev)
         r0, r1 = int(region[0]), int(region[-1]) + 1
         for t in (self.k, self.v):
-            self.torch.index_select(t, 0, i, out=t[r0:r1])
+            self.torch.index_select(t[:r0], 0, i, out=t[r0:r1])
         self._sync(None)
 
     def unstage(self, region, pages):
         i = self.torch.as_tensor(np.asarray(pages), dtype=self.torch.long, device=self.dev)
         r0, r1 = int(region[0]), int(region[-1]) + 1
         for t in (self.k, self.v):
-            t.index_copy_(0, i, t[r0:r1])
+            t[:r0].index_copy_(0, i, t[r0:r1])
         self._sync(None)
 
     def gather_host(self, pages):
