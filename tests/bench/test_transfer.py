@@ -5,13 +5,19 @@ from toolkit.bench import core
 from tests.bench import run_bench
 
 
-def test_transfer_cpu_writes_and_verifies_both_patterns():
+def test_transfer_cpu_writes_and_verifies_every_pattern():
     """Guards against the transfer bench timing writes it did not verify (CRC of every page
-    row on both sides), losing a pattern or its same-run ceiling."""
+    on both sides), losing a pattern or its same-run ceiling, and against the page-major
+    pool costing more than two descriptors per page (K, V: every layer in one piece) or
+    contiguous runs not merging into one descriptor per buffer. The staged pattern's
+    gather, write and scatter must land the same bytes as a direct write."""
     rows = core.parse_table(run_bench("transfer", "bench.platform=cpu", "bench.mib=1", "bench.layers=2",
-                                      "bench.repeats=2", "bench.startup_timeout_s=120", timeout=240))
-    assert [r["variant"] for r in rows] == ["nixl WRITE random", "nixl WRITE contig", "numpy copy (same bytes)",
-                                            "numpy take (same pages)"]
-    assert [r["verify"] for r in rows[:2]] == ["ok", "ok"]
-    assert rows[0]["descs_runs"] == "32/32" and rows[1]["descs_runs"] == "32/4"  # 2 x L x n descriptors; merged runs
+                                      "bench.repeats=2", "bench.startup_timeout_s=120", "bench.rooms=4",
+                                      "bench.patterns=[random,contig,rooms,staged]", timeout=240))
+    assert [r["variant"] for r in rows] == ["nixl WRITE random", "nixl WRITE contig", "nixl WRITE rooms x4",
+                                            "nixl WRITE staged (gather, write, scatter)",
+                                            "numpy copy (same bytes)", "numpy take (same pages)"]
+    assert [r["verify"] for r in rows[:4]] == ["ok"] * 4
+    # 8 pages of 2 layers: 2 buffers x 8 pages; contiguous runs merge to one per buffer
+    assert [r["descs_runs"] for r in rows[:4]] == ["16/16", "16/2", "16/16", "16/2"]
     assert all(float(r["GB_s"]) > 0 for r in rows)
