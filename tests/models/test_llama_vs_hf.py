@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kernels.attention import REFERENCE
 from toolkit.cache.allocator import pages_for
+from toolkit.cache.pool import PoolLayout
 from toolkit.engine.inputs import StepInputs
 from toolkit.models.llama import Llama, forward
 from toolkit.models.spec import ModelArgs, check_weights
@@ -59,7 +60,7 @@ def our_logits_all_positions(a, w, ids, page_size=4):
     P = npages + 2
     pages = np.random.default_rng(0).permutation(np.arange(1, P))[:npages].astype(np.int32)
     pos = np.arange(T)
-    k_pool = jnp.zeros((a.num_layers, P, page_size, a.num_kv_heads, a.head_dim), jnp.float32)
+    k_pool = jnp.zeros(PoolLayout.for_model(a, P, page_size, jnp.float32).shape, jnp.float32)  # the engine's layout
     inp = StepInputs(
         tokens=jnp.asarray(ids, jnp.int32), positions=jnp.asarray(pos, jnp.int32),
         slot_mapping=jnp.asarray(pages[pos // page_size] * page_size + pos % page_size, jnp.int32),

@@ -79,6 +79,8 @@ def forward(graphdef, state, k_pool, v_pool, inp: StepInputs, *, attn: Attention
             max_q_len: int):
     """Run one step. Returns (logits [B, V] float32, k_pool, v_pool).
 
+    k_pool, v_pool: [P, L, S, KV, Dh] (page-major, ``toolkit.cache.pool``), donated by callers.
+
     max_q_len == 1 selects the decode kernel (one token per sequence, T == B).
     """
     model: Llama = nnx.merge(graphdef, state)
