@@ -123,12 +123,16 @@ def _serve_source(conn, backend, pool: Pool) -> None:
             return
 
 
+def _staging_region(n: int) -> np.ndarray:
+    """The staged pattern's contiguous pages on both sides (pool_shape sizes pools for it)."""
+    return np.arange(2 * n, 3 * n)
+
+
 def _writes(backend, pool: Pool, peer, tag: str, i: int, src, dst, with_aux: bool, rooms: int) -> list:
     """Post one repetition of a pattern: the handles to poll (the last carries the tag)."""
     notif = f"{tag}|{i}|{time.time():.6f}".encode()
     if tag == "staged":
-        n = len(src)
-        region = np.arange(2 * n, 3 * n)
+        region = _staging_region(len(src))
         pool.stage(src, region)  # gather, waited on: the write must read the gathered pages
         src = dst = region
     if tag != "rooms":
@@ -170,6 +174,7 @@ def _serve_target(conn, backend, pool: Pool) -> None:
     arrivals: dict[str, list[tuple[int, float]]] = {}
 
     staged: dict[int, float] = {}  # repetition -> seconds of the target's scatter
+    staged_dst = [np.zeros(0, np.int64)]  # the staged pattern's destination pages ("expect")
 
     def drain():
         for m in backend.notifications():
@@ -179,12 +184,9 @@ def _serve_target(conn, backend, pool: Pool) -> None:
                 continue  # a room's own notification (only the last one is tagged)
             arrivals.setdefault(tag, []).append((int(i), time.time() - float(t0)))
             if tag == "staged":
-                n = len(staged_dst[0])
                 t = time.perf_counter()
-                pool.unstage(np.arange(2 * n, 3 * n), staged_dst[0])
+                pool.unstage(_staging_region(len(staged_dst[0])), staged_dst[0])
                 staged[int(i)] = time.perf_counter() - t
-
-    staged_dst = [np.zeros(0, np.int64)]
 
     for cmd in _commands(conn, os.getppid(), idle=drain):
         if cmd[0] == "expect":  # the destination pages of the staged pattern, before it runs
@@ -290,17 +292,14 @@ def _start(ctx, b: config.TransferBench, base: dict) -> tuple[_Peer, _Peer]:
 
 def _patterns(b: config.TransferBench, n: int, rng) -> list[tuple]:
     """(name, source pages, destination pages, descriptors before merging)."""
-    out = []
-    if "random" in b.patterns:
-        out.append(("random", rng.permutation(np.arange(0, 2 * n, 2))[:n],
-                    rng.permutation(np.arange(1, 2 * n, 2))[:n], 2 * n))
+    def scattered(name):  # shuffled even pages into shuffled odd pages: nothing merges
+        return (name, rng.permutation(np.arange(0, 2 * n, 2))[:n], rng.permutation(np.arange(1, 2 * n, 2))[:n],
+                2 * n)
+
+    out = [scattered("random")] if "random" in b.patterns else []
     if "contig" in b.patterns:
         out.append(("contig", np.arange(n), np.arange(n, 2 * n), 2))
-    for name in ("rooms", "staged"):
-        if name in b.patterns:
-            out.append((name, rng.permutation(np.arange(0, 2 * n, 2))[:n],
-                        rng.permutation(np.arange(1, 2 * n, 2))[:n], 2 * n))
-    return out
+    return out + [scattered(name) for name in ("rooms", "staged") if name in b.patterns]
 
 
 def _write_pattern(src: _Peer, dst: _Peer, b: config.TransferBench, pattern: tuple, sample: list[int],

@@ -50,12 +50,9 @@ class PoolLayout:
     device_id: int = 0
     addresses: tuple[int, ...] = ()  # one base address per buffer (K, V)
 
-    # Fields two pools must share for pages to move between them (num_pages may differ).
+    # Fields two pools must share for pages to move between them (num_pages may differ);
+    # ``order`` first: a peer of another order (an older build) fails on it, naming both.
     AGREE = ("order", "num_layers", "page_size", "num_kv_heads", "head_dim", "dtype", "num_buffers")
-
-    def __post_init__(self):
-        if self.order != PAGE_MAJOR:
-            raise LayoutMismatch(f"unknown KV pool order {self.order!r}; this build has {PAGE_MAJOR!r}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -85,10 +82,6 @@ class PoolLayout:
     def num_buffers(self) -> int:
         return len(self.addresses) if self.addresses else 2
 
-    def page_offset(self, page: int) -> int:
-        """Byte offset of ``page`` in each buffer."""
-        return page * self.page_bytes
-
     def placed(self, mem_type: str, device_id: int, addresses) -> "PoolLayout":
         return dataclasses.replace(self, mem_type=mem_type, device_id=int(device_id),
                                    addresses=tuple(int(a) for a in addresses))
@@ -107,11 +100,9 @@ class PoolLayout:
 
     @classmethod
     def from_json(cls, d: dict) -> "PoolLayout":
-        """The peer's handshake payload; an order this build does not know is a LayoutMismatch
-        (naming both), anything else malformed a TypeError/ValueError/KeyError."""
+        """The peer's handshake payload (malformed: TypeError/ValueError/KeyError); whether it
+        matches this side is ``check_compatible``'s to say."""
         d = dict(d)
-        if d.get("order", PAGE_MAJOR) != PAGE_MAJOR:
-            raise LayoutMismatch(f"KV layout mismatch: order is {PAGE_MAJOR!r} here and {d['order']!r} on the peer")
         d["addresses"] = tuple(int(a) for a in d.get("addresses", ()))
         return cls(**d)
 

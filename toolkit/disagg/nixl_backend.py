@@ -3,7 +3,7 @@
 Choices
 -------
 Descriptor granularity
-    One descriptor per (buffer, page): ``base + layout.page_offset(page)``, ``page_bytes``
+    One descriptor per (buffer, page): ``base + page * layout.page_bytes``, ``page_bytes``
     long (one page of every layer: the pool is page-major, ``toolkit.cache.pool``), in
     buffer-major order (K pages.., V pages..), followed by one descriptor per aux slot
     (``AUX_DTYPE.itemsize`` each). A page is two descriptors whatever the number of layers
@@ -269,8 +269,6 @@ class NixlBackend(TransferBackend):
             md = base64.b64decode(peer["agent_metadata"])
             name = str(peer["agent"])
             aux_address, aux_slots = int(peer["aux_address"]), int(peer["aux_slots"])
-        except LayoutMismatch:
-            raise
         except (KeyError, TypeError, ValueError) as e:
             raise TransferError(f"malformed NIXL handshake payload: {e!r}") from e
         self.layout.check_compatible(theirs)  # before NIXL learns anything about the peer
