@@ -46,15 +46,17 @@ def make_engine():
 
     made = []
 
-    def make(ckpt, cache: str = "none", **kw):
+    def make(ckpt, cache="none", **kw):
+        """cache: a policy name or a CacheConfig."""
         from toolkit.config.schema import CacheConfig
 
-        e = Engine(ckpt, engine_cfg(**kw), cache=CacheConfig(policy=cache))
+        e = Engine(ckpt, engine_cfg(**kw), cache=CacheConfig(policy=cache) if isinstance(cache, str) else cache)
         made.append(e)
         return e
 
     yield make
     for e in made:
+        e.wait_for_copies()  # a tier copy in flight pins its pages in the tree
         st = e.stats()
         assert st.pages_used == 0, f"{st.pages_used} pages still in use after the test"
         assert not st.running and not st.waiting
@@ -62,6 +64,7 @@ def make_engine():
         assert st.pages_evictable == st.pages_cached, "a cache lock left after the test"
         e.flush_cache()
         assert e.stats().pages_free == st.pages_usable, "pages missing after flushing the prefix cache"
+        e.close()
 
 
 def pytest_collection_modifyitems(config, items):

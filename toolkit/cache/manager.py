@@ -19,6 +19,14 @@ match is locked, always, even when empty) and its committed KV enters the tree w
 prompt is computed and when it ends (``commit``/``release``). Under overlapped
 scheduling the lock of a released request is dropped, like its pages, only once the step
 in flight is collected: until then that step may still read them.
+
+With tiers below the tree (``attach_tiers``: host memory, storage; toolkit/cache/tiers.py)
+every page entering the tree is copied down (write-through) and a match continues into
+them: the pages found there are loaded into newly allocated device pages and enter the
+tree before the match returns. A copy in flight holds a tree lock on the node of the pages
+it reads, dropped only once ``poll_copies`` observes it complete, so those pages are never
+evicted or handed out while the copy may still read them; a request that finishes
+meanwhile drops only its own lock.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Hashable, Optional, Sequence as Seq
 
 from toolkit.cache.allocator import PageAllocator
 from toolkit.cache.holds import Holds
-from toolkit.cache.radix import Node, PrefixCache, RadixCache
+from toolkit.cache.radix import Node, PrefixCache, RadixCache, page_hash
 
 
 def make_prefix_cache(policy: str, page_size: int, seed: bytes = b"") -> Optional[PrefixCache]:
@@ -50,6 +58,28 @@ class CacheManager:
         self._reserved: dict[Hashable, list[int]] = {}  # owner -> pages another worker writes
         self._held = Holds()  # owner -> pages of a failed transfer, until confirmed or expired
         self.num_evicted = 0  # cached pages evicted to satisfy an allocation, so far
+        self.tiers = None  # KVTiers below the tree (attach_tiers), or None
+
+    def attach_tiers(self, tiers) -> None:
+        """Host (and storage) tiers below the tree; needs a prefix cache."""
+        assert self.cache is not None, "tiers need a prefix cache"
+        self.tiers = tiers
+
+    def poll_copies(self, block: bool = False) -> int:
+        """Observe the tier copies in flight (every step): the device pages of those that
+        ended are unpinned. ``block``: wait for all of them. Returns how many ended."""
+        if self.tiers is None:
+            return 0
+        ended = self.tiers.drain() if block else self.tiers.poll()
+        for c in ended:
+            self.cache.unlock(c.node)
+        return len(ended)
+
+    def close(self) -> None:
+        """Wait for the copies in flight and close the storage tier (its index is on disk)."""
+        if self.tiers is not None:
+            self.poll_copies(block=True)
+            self.tiers.close()
 
     # ---- counts -------------------------------------------------------------------
 
@@ -201,7 +231,33 @@ class CacheManager:
             return None, []
         m = self.cache.match(tokens)
         self.cache.lock(m.node)
-        return m.node, list(m.pages)
+        if self.tiers is None:
+            return m.node, list(m.pages)
+        return self._match_lower(tokens, m.node, list(m.pages))
+
+    def _match_lower(self, tokens: Seq[int], node: Node, pages: list[int]) -> tuple[Node, list[int]]:
+        """Continue a device match into the tiers: the pages found there are loaded into new
+        device pages (as many as can be allocated) and enter the tree; the lock moves to the
+        node that ends them."""
+        S, start = self.page_size, len(pages)
+        prev, keys = self.cache.prev_hash(node), []
+        for i in range(start, len(tokens) // S):
+            prev = page_hash(prev, tokens[i * S:(i + 1) * S])
+            keys.append(prev)
+        hits = self.tiers.lookup(keys) if keys else []
+        n = min(len(hits), self.num_free + self.num_evictable)  # (the matched path is locked)
+        if n == 0:
+            return node, pages
+        dst = self.allocate(n)
+        got = self.tiers.load(keys[:n], hits[:n], dst)
+        self._alloc.free(dst[got:])  # never written
+        if got == 0:
+            return node, pages
+        res = self.cache.insert(tokens[:(start + got) * S], pages + dst[:got])
+        assert not res.duplicates and res.new == got, "the tree changed between match and load"
+        self.cache.lock(res.node)
+        self.cache.unlock(node)
+        return res.node, res.pages
 
     def unlock_now(self, node: Optional[Node]) -> None:
         """Undo a ``match`` whose pages no step has used (admission gave up)."""
@@ -218,6 +274,11 @@ class CacheManager:
         res = self.cache.insert(tokens, pages)
         self.cache.lock(res.node)
         self.free(res.duplicates, unlock=[node] if node is not None else [])
+        if self.tiers is not None and res.new:  # write-through: the new leaf's pages go down
+            copy = self.tiers.backup(res.node.pages, res.node.hashes)
+            if copy is not None:
+                copy.node = res.node
+                self.cache.lock(res.node)  # until poll_copies sees the copy complete
         return res.pages + pages[len(res.pages):], res.node
 
     def release(self, tokens: Seq[int], pages: list[int], node: Optional[Node], keep: bool = True) -> None:
@@ -227,6 +288,8 @@ class CacheManager:
         both deferred while a step is in flight."""
         if self.cache is None:
             return self.free(pages)
+        if not pages and node is None:  # released already: a second release does nothing
+            return
         if keep:
             pages, node = self.commit(tokens, pages, node)
             n = min(len(tokens) // self.page_size, len(pages))
@@ -238,6 +301,7 @@ class CacheManager:
         """Evict every unlocked cached page back to the allocator; returns how many."""
         if self.cache is None:
             return 0
+        self.poll_copies(block=True)  # a copy in flight pins its pages
         pages = self.cache.evict(self.cache.num_evictable)
         self._alloc.free(pages)
         return len(pages)
@@ -251,6 +315,12 @@ class CacheManager:
             self.cache.check()
             tree = self.cache.pages()
         in_tree = set(tree)
+        if self.tiers is not None:
+            self.tiers.check()
+            for c in self.tiers.inflight:
+                if c.kind == "d2h":
+                    assert c.node.lock > 0 and in_tree.issuperset(c.src), \
+                        "a copy in flight reads pages that are not locked in the tree"
         owned = [p for pages in live for p in pages if p not in in_tree]
         owned += [p for pages in self._reserved.values() for p in pages]
         deferred = [p for _, pages, _ in self._deferred for p in pages]

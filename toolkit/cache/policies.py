@@ -10,3 +10,5 @@ keeps each finished conversation's KV and asks prefill only for the pages it lac
 CACHE_POLICIES = ("none", "radix")
 # the roles each policy runs on (validation refuses the others before anything is built)
 POLICY_ROLES = {"none": ("unified", "prefill", "decode", "router"), "radix": ("unified", "prefill", "decode", "router")}
+
+STORAGE_BACKENDS = ("none", "file")  # cache.storage: where pages go below the host tier

@@ -74,6 +74,7 @@ class Insert:
     node: Node  # the node ending the inserted prefix
     pages: list[int]  # the tree's pages for the whole inserted prefix (remap the request's to these)
     duplicates: list[int]  # the caller's pages the tree already had copies of: the caller frees them
+    new: int = 0  # pages the tree took from the caller: ``node`` is then a new leaf holding exactly them
 
 
 class PrefixCache(abc.ABC):
@@ -214,7 +215,7 @@ class RadixCache(PrefixCache):
         have = self.path_pages(node)  # the tree's pages for the first `at` pages
         dups = [p for p, q in zip(pages[:at], have) if p != q]
         if at < n:  # a new leaf for the rest
-            prev = self._prev_hash(node)
+            prev = self.prev_hash(node)
             hashes = []
             for i in range(at, n):
                 prev = page_hash(prev, self._page(tokens, i))
@@ -224,9 +225,11 @@ class RadixCache(PrefixCache):
             self._num_pages += n - at
             self._num_evictable += n - at  # unlocked until someone locks it
             node = leaf
-        return Insert(node, have + list(pages[at:n]), dups)
+        return Insert(node, have + list(pages[at:n]), dups, new=n - at)
 
-    def _prev_hash(self, node: Node) -> bytes:
+    def prev_hash(self, node: Node) -> bytes:
+        """The chained hash of the page ending ``node``'s path (the seed at the root): what
+        the next page's hash continues."""
         while node is not None and not node.hashes:
             node = node.parent
         return node.hashes[-1] if node is not None else self.seed
@@ -288,7 +291,7 @@ class RadixCache(PrefixCache):
             if node is not self.root:
                 assert node.pages, "an empty node below the root"
                 assert node.parent.children.get(node.key[:S]) is node, "a child under the wrong key"
-                prev = self._prev_hash(node.parent)
+                prev = self.prev_hash(node.parent)
                 for i, h in enumerate(node.hashes):
                     prev = page_hash(prev, node.key[i * S:(i + 1) * S])
                     assert h == prev, "a page hash that is not its prefix's"

@@ -129,6 +129,21 @@ class RoleConfig:
 @dataclasses.dataclass
 class CacheConfig:
     policy: str = "radix"  # prefix-cache policy: radix (the default on every role) | none (toolkit/cache/policies.py)
+    # A host-memory tier below the device tree (toolkit/cache/tiers.py): pages entering the
+    # tree are copied there, and a match continues into it. Its size in pages, or in GiB
+    # (one of the two; 0 = no host tier).
+    host_pages: int = 0
+    host_gb: float = 0.0
+    # A storage tier below the host tier: none | file (pages in one preallocated file of
+    # fixed slots under storage_path, written and read by NIXL's POSIX plugin, with an index
+    # that survives a restart; one worker per directory).
+    storage: str = "none"
+    storage_path: str = ""
+    storage_gb: float = 1.0
+    # Decode (and unified) workers: commit each request's whole pages to the tree as decoding
+    # fills them, so they are copied down to host (and storage) while it decodes, with the
+    # hashes that continue the prompt's chain (a later prefill sharing the storage hits them).
+    decode_offload: bool = False
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from kernels.attention import CHOICES as ATTENTION_CHOICES
-from toolkit.cache.policies import CACHE_POLICIES, POLICY_ROLES
+from toolkit.cache.policies import CACHE_POLICIES, POLICY_ROLES, STORAGE_BACKENDS
 from toolkit.cache.pool import KV_ALLOC
 from toolkit.disagg.choices import PD_ROLES, PD_TRANSFER_BACKENDS, TRANSFER_BACKENDS
 from toolkit.engine.buckets import SHAPE_BUCKETS
@@ -89,6 +89,11 @@ def validate(cfg) -> None:
     validate_engine(cfg.engine)
     _one_of("role.name", cfg.role.name, ROLES)
     validate_cache(cfg.cache)
+    _need(not cfg.cache.decode_offload or cfg.role.name in ("unified", "decode"),
+          f"cache.decode_offload=true runs where requests decode (role.name=decode or unified), "
+          f"not on role.name={cfg.role.name}")
+    _need(cfg.role.name != "router" or not _has_tiers(cfg.cache),
+          "role.name=router holds no KV: drop cache.host_pages / cache.host_gb / cache.storage")
     _need(cfg.role.name in POLICY_ROLES[cfg.cache.policy],
           f"cache.policy={cfg.cache.policy} runs on role={' or '.join(POLICY_ROLES[cfg.cache.policy])} "
           f"(not yet on role={cfg.role.name}); use cache=none there")
@@ -124,6 +129,51 @@ def validate_pd(role, t, disagg: bool = False) -> None:
           f"transfer.ucx_threads={t.ucx_threads} is a NIXL setting; transfer.backend={t.backend}")
 
 
+def _has_tiers(c) -> bool:
+    return c.host_pages > 0 or c.host_gb > 0 or c.storage != "none"
+
+
 def validate_cache(c) -> None:
-    """The prefix-cache policy (the engine checks it again when built without ``validate``)."""
+    """The prefix-cache policy and its tiers (the engine checks it again when built without
+    ``validate``). Runs before anything is allocated: a storage directory is created and
+    probed for writing and free space, nothing more."""
     _one_of("cache.policy", c.policy, CACHE_POLICIES)
+    _one_of("cache.storage", c.storage, STORAGE_BACKENDS)
+    _need(c.host_pages >= 0 and c.host_gb >= 0,
+          f"cache.host_pages={c.host_pages} and cache.host_gb={c.host_gb} must be >= 0")
+    _need(not (c.host_pages > 0 and c.host_gb > 0),
+          f"set one of cache.host_pages={c.host_pages} and cache.host_gb={c.host_gb}, not both")
+    host = c.host_pages > 0 or c.host_gb > 0
+    if _has_tiers(c) or c.decode_offload:
+        what = "cache.decode_offload=true" if c.decode_offload else (
+            "cache.storage=file" if c.storage != "none" else "a host tier (cache.host_pages / cache.host_gb)")
+        _need(c.policy == "radix", f"{what} needs cache.policy=radix (got cache.policy={c.policy}): the tiers "
+              "hold pages of the prefix cache's tree")
+    _need(not c.decode_offload or host,
+          "cache.decode_offload=true needs a host tier: set cache.host_pages or cache.host_gb "
+          "(cache.storage is optional below it)")
+    if c.storage == "file":
+        _need(host, "cache.storage=file needs a host tier (cache.host_pages or cache.host_gb): pages move "
+              "between storage and the device through host memory")
+        _need(bool(c.storage_path), "cache.storage=file needs cache.storage_path (a directory)")
+        _need(c.storage_gb > 0, f"cache.storage_gb={c.storage_gb} must be > 0")
+        _check_storage_dir(c.storage_path, c.storage_gb)
+
+
+def _check_storage_dir(path: str, gb: float) -> None:
+    """Writable, and room for the slots file (counting a file an earlier run left there)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".probe")
+        with open(probe, "w") as f:
+            f.write("x")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"cache.storage_path={path!r} is not writable: {e}") from None
+    st = os.statvfs(path)
+    have = st.f_bavail * st.f_frsize
+    data = os.path.join(path, "pages.bin")
+    have += os.path.getsize(data) if os.path.exists(data) else 0
+    need = int(gb * (1 << 30))
+    _need(need <= have, f"cache.storage_gb={gb} needs {need / (1 << 30):.2f} GiB at cache.storage_path={path!r}; "
+          f"the disk has {have / (1 << 30):.2f} GiB free")

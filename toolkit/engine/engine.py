@@ -15,6 +15,7 @@ from toolkit.cache.allocator import pages_for
 from toolkit.cache.manager import CacheManager
 from toolkit.cache.radix import hash_seed
 from toolkit.cache.pool import PAGE_MAJOR, KVPool, PoolLayout
+from toolkit.cache.tiers import KVTiers, PoolMover, slots_for
 from toolkit.config import validate as V
 from toolkit.config.schema import CacheConfig, EngineConfig, ModelConfig
 from toolkit.engine import compile_cache
@@ -59,6 +60,24 @@ def pool_pages(ecfg: EngineConfig, page_bytes_all_layers: int) -> int:
     return max(2, int(free * ecfg.memory_fraction) // page_bytes_all_layers)
 
 
+def make_tiers(c: CacheConfig, page_layout: PoolLayout, seed: bytes) -> Optional[KVTiers]:
+    """The host (and storage) tiers ``cache`` asks for, or None. ``page_layout``: one page."""
+    if not (c.host_pages or c.host_gb):
+        return None
+    page_bytes = page_layout.total_bytes
+    host = c.host_pages or slots_for(c.host_gb, page_bytes)
+    if host < 1:
+        raise V.ConfigError(f"cache.host_gb={c.host_gb} holds no page ({page_bytes} bytes each)")
+    storage = slots_for(c.storage_gb, page_bytes) if c.storage == "file" else 0
+    if c.storage == "file" and storage < 1:
+        raise V.ConfigError(f"cache.storage_gb={c.storage_gb} holds no page ({page_bytes} bytes each)")
+    try:
+        return KVTiers(None, page_layout, host, seed, storage_path=c.storage_path if storage else "",
+                       storage_slots=storage)
+    except RuntimeError as e:  # the storage directory is another worker's
+        raise V.ConfigError(str(e)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
     """What drivers (servers, P/D workers, benchmarks, tests) read about an engine."""
@@ -81,6 +100,18 @@ class EngineStats:
     xla_compiled: int  # this process's XLA compilations (every jitted function) ...
     xla_loaded: int  # ... and executables loaded from the persistent compile cache instead
     step_loaded: int  # step shapes warm-up loaded serialized (no trace, lower or compile)
+    # the tiers below the prefix cache (cache.host_pages / cache.storage): slots, copies, traffic
+    host_slots: int = 0
+    host_slots_used: int = 0
+    storage_slots: int = 0  # 0 also once storage turned itself off after a failed write
+    storage_slots_used: int = 0
+    copies_inflight: int = 0
+    host_hit_tokens: int = 0  # prompt tokens loaded back from host / from storage
+    storage_hit_tokens: int = 0
+    offloaded_bytes_host: int = 0  # device -> host
+    offloaded_bytes_storage: int = 0  # host -> file
+    loaded_bytes_host: int = 0  # host -> device
+    loaded_bytes_storage: int = 0  # file -> host
 
     @property
     def idle(self) -> bool:
@@ -129,12 +160,16 @@ class Engine:
         page_bytes = PoolLayout.for_model(self.args, 1, ecfg.page_size, dtype).total_bytes
         num_pages = pool_pages(ecfg, page_bytes)
         # the one owner of pages: allocator, prefix cache, deferred releases
-        self.kv = CacheManager(num_pages, ecfg.page_size, self.cache_cfg.policy,
-                               seed=hash_seed(dataclasses.asdict(self.args), jnp.dtype(dtype).name, ecfg.page_size,
-                                             PAGE_MAJOR))
+        seed = hash_seed(dataclasses.asdict(self.args), jnp.dtype(dtype).name, ecfg.page_size, PAGE_MAJOR)
+        self.kv = CacheManager(num_pages, ecfg.page_size, self.cache_cfg.policy, seed=seed)
+        # host / storage tiers (before the pool: a storage directory in use fails here)
+        tiers = make_tiers(self.cache_cfg, PoolLayout.for_model(self.args, 1, ecfg.page_size, dtype), seed)
         self.scheduler = Scheduler(ecfg, self.kv, self.max_model_len)
         self.runner = ModelRunner(ckpt.args, ckpt.weights, ecfg, dtype, num_pages, self.max_model_len,
                                   decode_family=not prefill_only)
+        if tiers is not None:
+            tiers.mover = PoolMover(self.runner.pool)
+            self.kv.attach_tiers(tiers)
         log.info("bucket set: %s", self.runner.buckets.describe())
         self.seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -240,9 +275,20 @@ class Engine:
         """``owner`` still has pages reserved or held."""
         return self.kv.holds(owner)
 
+    def close(self) -> None:
+        """Wait for the tier copies in flight and close the storage tier (its index is on
+        disk, for the next worker on the same cache.storage_path)."""
+        self.kv.close()
+
+    def wait_for_copies(self) -> int:
+        """Block until every tier copy in flight has ended (their device pages unpinned);
+        returns how many ended."""
+        return self.kv.poll_copies(block=True)
+
     def flush_cache(self) -> int:
         """Evict every cached page no request holds back to the allocator (tests check the
-        pool is whole; a driver may call it to drop the cache). Returns how many."""
+        pool is whole; a driver may call it to drop the device cache) once the tier copies in
+        flight have ended; the host and storage tiers keep their pages. Returns how many."""
         return self.kv.flush()
 
     def describe_prefix_cache(self, max_lines: int = 40) -> list[str]:
@@ -293,7 +339,15 @@ class Engine:
 
     def stats(self) -> EngineStats:
         a, s, r = self.kv, self.scheduler, self.runner
-        return EngineStats(waiting=len(s.waiting), running=len(s.running), pages_used=a.num_used,
+        t = {}
+        if a.tiers is not None:
+            ts, S = a.tiers.stats(), self.cfg.page_size
+            t = dict(host_slots=ts.host_slots, host_slots_used=ts.host_used, storage_slots=ts.storage_slots,
+                     storage_slots_used=ts.storage_used, copies_inflight=ts.copies_inflight,
+                     host_hit_tokens=ts.loaded_pages["host"] * S, storage_hit_tokens=ts.loaded_pages["storage"] * S,
+                     offloaded_bytes_host=ts.offloaded_bytes["host"], offloaded_bytes_storage=ts.offloaded_bytes["storage"],
+                     loaded_bytes_host=ts.loaded_bytes["host"], loaded_bytes_storage=ts.loaded_bytes["storage"])
+        return EngineStats(**t, waiting=len(s.waiting), running=len(s.running), pages_used=a.num_used,
                            pages_held=a.num_held,
                            pages_free=a.num_free, pages_usable=a.num_usable, pages_cached=a.num_cached,
                            pages_evictable=a.num_evictable, pages_evicted=a.num_evicted,
@@ -352,6 +406,7 @@ class Engine:
     def step(self) -> list[Sequence]:
         """One engine step; returns the sequences that got a token (with overlap: the
         tokens of the step launched by the previous call)."""
+        self.kv.poll_copies()  # tier copies observed complete unpin their device pages
         batch = self.scheduler.schedule()
         launched = None
         if batch is not None:
@@ -362,6 +417,8 @@ class Engine:
                 seq.num_inflight += smp
             if not self.keep_pages_on_finish:  # (prefill role: transfers read the pages; commit at release)
                 self.scheduler.commit_prompts(batch)
+                if self.cache_cfg.decode_offload:
+                    self.scheduler.commit_decoded(batch)
         if self.overlap:
             done, self._inflight = self._inflight, launched
         else:

@@ -134,6 +134,19 @@ class Scheduler:
             if s.num_computed >= len(s.prompt_ids) and s.status is Status.RUNNING:
                 s.pages, s.cache_node = self.cache.commit(s.token_ids[:s.num_computed], s.pages, s.cache_node)
 
+    def commit_decoded(self, batch: ScheduledBatch) -> None:
+        """cache.decode_offload: after a decode step is launched, a sequence whose computed
+        tokens fill a new whole page commits its pages (prompt and generated tokens but the
+        last) to the tree, which copies them down to the tiers while it keeps decoding."""
+        if not batch.is_decode:
+            return
+        S = self.cfg.page_size
+        for s in batch.seqs:
+            done = min(s.num_computed, s.num_tokens) // S  # tokens known and their KV launched
+            if done > s.num_committed_pages and s.status is Status.RUNNING:
+                s.pages, s.cache_node = self.cache.commit(s.token_ids[:done * S], s.pages, s.cache_node)
+                s.num_committed_pages = done
+
     def free(self, pages: list[int]) -> None:
         """Give pages back now, or once the step in flight (which may write them) is read."""
         self.cache.free(pages)
