@@ -41,6 +41,21 @@ class Metrics:
                                    registry=r)
         self.pages_held = Gauge("kv_pages_held", "pages of failed transfers held until the peer cannot "
                                 "write them", registry=r)
+        # the tiers below the prefix cache (cache.host_pages, cache.storage)
+        g = lambda name, doc: Gauge(name, doc, registry=r)  # noqa: E731
+        self.tier = {
+            "host_hit_tokens": g("kv_host_hit_tokens", "prompt tokens loaded back from the host tier"),
+            "storage_hit_tokens": g("kv_storage_hit_tokens", "prompt tokens loaded back from storage"),
+            "offloaded_bytes_host": g("kv_offloaded_bytes_host", "KV bytes copied device -> host"),
+            "offloaded_bytes_storage": g("kv_offloaded_bytes_storage", "KV bytes written host -> storage"),
+            "loaded_bytes_host": g("kv_loaded_bytes_host", "KV bytes loaded host -> device"),
+            "loaded_bytes_storage": g("kv_loaded_bytes_storage", "KV bytes read storage -> host"),
+            "copies_inflight": g("kv_copies_inflight", "tier copies in flight (their pages pinned)"),
+            "host_slots": g("kv_host_slots", "pages the host tier holds at most"),
+            "host_slots_used": g("kv_host_slots_used", "host tier slots in use"),
+            "storage_slots": g("kv_storage_slots", "pages the storage tier holds at most (0: off)"),
+            "storage_slots_used": g("kv_storage_slots_used", "storage tier slots in use"),
+        }
         self.step_loaded = Gauge("step_executables_loaded",
                                  "step shapes warm-up loaded serialized (not traced, lowered or compiled)",
                                  registry=r)
@@ -62,6 +77,8 @@ class Metrics:
         self.cache_locked.set(stats.pages_cached - stats.pages_evictable)
         self.cache_evicted.set(stats.pages_evicted)
         self.pages_held.set(stats.pages_held)
+        for name, gauge in self.tier.items():
+            gauge.set(getattr(stats, name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
