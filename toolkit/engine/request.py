@@ -147,10 +147,11 @@ class RequestOutput:
     finish_reason: Optional[str]
     ttft_s: Optional[float]
     latency_s: Optional[float]
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (any tier)
 
     @classmethod
     def of(cls, seq: Sequence) -> "RequestOutput":
         ttft = None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time
         lat = None if seq.finish_time is None else seq.finish_time - seq.arrival_time
         return cls(seq.request_id, list(seq.prompt_ids), list(seq.output_ids), seq.text,
-                   list(seq.output_logprobs), seq.finish_reason, ttft, lat)
+                   list(seq.output_logprobs), seq.finish_reason, ttft, lat, seq.num_cached)
