@@ -88,6 +88,7 @@ class UnifiedBackend:
 
     async def shutdown(self) -> None:
         self.loop.stop()
+        self.engine.close()  # tier copies in flight end; the storage index is on disk
 
     def engine_stats(self):
         return self.engine.stats()

@@ -47,6 +47,12 @@ class Worker:
     def stats(self) -> dict:
         return httpx.get(self.url + "/pd/stats", timeout=10).json()
 
+    def metrics(self) -> dict[str, float]:
+        """The unlabelled samples of its /metrics page."""
+        from serve.metrics import unlabelled_samples
+
+        return unlabelled_samples(httpx.get(self.url + "/metrics", timeout=10).text)
+
     def wait_idle(self, timeout: float = 30) -> dict:
         t0 = time.time()
         while True:

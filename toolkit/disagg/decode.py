@@ -62,6 +62,7 @@ class DecodeWorker(WorkerBase):
             self._on_control(m)
         for raw in self.backend.notifications():
             self._on_notif(raw)
+        self.engine.poll_copies()  # (ended tier copies unpin pages the rooms below may need)
         self._admit_pending()
         if self.engine.has_unfinished():
             for seq in self.engine.step():

@@ -138,3 +138,4 @@ class WorkerBase:
     def close(self) -> None:
         self.backend.close()
         self.control.close()
+        self.engine.close()  # tier copies in flight end; the storage index is on disk

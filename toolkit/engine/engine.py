@@ -280,6 +280,12 @@ class Engine:
         disk, for the next worker on the same cache.storage_path)."""
         self.kv.close()
 
+    def poll_copies(self) -> int:
+        """Observe the tier copies in flight without stepping (a driver with nothing to step
+        calls it each tick: pages a finished copy pinned become evictable for admission).
+        ``step`` does it too. Returns how many ended."""
+        return self.kv.poll_copies()
+
     def wait_for_copies(self) -> int:
         """Block until every tier copy in flight has ended (their device pages unpinned);
         returns how many ended."""
