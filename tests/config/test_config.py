@@ -104,3 +104,39 @@ def test_ucx_threads_only_with_nixl(no_alloc):
         validate(cfg("inproc", ucx_threads=8))
     with pytest.raises(ConfigError, match="transfer.ucx_threads=-1 must be >= 0"):
         validate(cfg("nixl", ucx_threads=-1))
+
+
+def test_tier_options_refused_where_they_cannot_work(no_alloc, tmp_path):
+    """Guards against KV-tier options that cannot work being accepted and failing on the
+    first request (SGLang crashed there with offload and no storage backend,
+    sgl-project/sglang#20677): decode_offload on a role that does not decode or without a
+    host tier, tiers on the router, storage in a directory that cannot be written; each
+    refused before anything is loaded, naming the options."""
+    from toolkit.config.schema import RunConfig
+    from toolkit.config.validate import validate
+
+    def cfg(role, **cache):
+        c = RunConfig(model=TINY_MODEL, engine=engine_cfg())
+        c.role.name, c.transfer.backend = role, "nixl" if role in ("prefill", "decode") else "none"
+        if role == "router":
+            c.role.prefill_urls, c.role.decode_urls = ["http://a"], ["http://b"]
+        for k, v in cache.items():
+            setattr(c.cache, k, v)
+        return c
+
+    validate(cfg("decode", host_pages=8, decode_offload=True))  # host-only offload is fine
+    validate(cfg("unified", host_pages=8, decode_offload=True))
+    for c, msg in ((cfg("prefill", host_pages=8, decode_offload=True), "role.name=prefill"),
+                   (cfg("decode", decode_offload=True), "needs a host tier"),
+                   (cfg("decode", policy="none", host_pages=8), "cache.policy=radix"),
+                   (cfg("router", host_pages=8), "role.name=router holds no KV"),
+                   (cfg("unified", host_pages=8, storage="file", storage_path=str(tmp_path / "f" / "x")),
+                    "not writable")):
+        if "not writable" in msg:
+            (tmp_path / "f").write_text("a file, not a directory")
+        with pytest.raises(ConfigError, match=msg):
+            validate(c)
+    with pytest.raises(ConfigError, match="needs a host tier"):
+        from toolkit.config.schema import CacheConfig
+
+        Engine.from_config(TINY_MODEL, engine_cfg(), cache=CacheConfig(decode_offload=True))
