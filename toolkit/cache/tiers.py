@@ -237,6 +237,11 @@ class PoolMover:
         kinds = {m.kind for m in dev.addressable_memories()} if dev.platform == "gpu" else set()
         self._host = pool.k.sharding.with_memory_kind("pinned_host") if "pinned_host" in kinds else None
 
+    def warm(self, num_pages: int) -> None:
+        """Copy ``num_pages`` padding pages to host once, at start-up: pinned host memory
+        grows by seconds per GB the first time (measured on an H200), so serving never pays it."""
+        jax.block_until_ready(self.gather([0] * num_pages))
+
     def gather(self, pages: Sequence[int]) -> tuple[jax.Array, jax.Array]:
         """Start copying ``pages`` (every layer) to host memory; returns ([n', L, S, KV, Dh],) * 2
         arrays (n' >= n, padded) that are ready once the copy has landed."""

@@ -169,6 +169,7 @@ class Engine:
                                   decode_family=not prefill_only)
         if tiers is not None:
             tiers.mover = PoolMover(self.runner.pool)
+            tiers.mover.warm(min(tiers.host.slots.num_slots, 256))
             self.kv.attach_tiers(tiers)
         log.info("bucket set: %s", self.runner.buckets.describe())
         self.seqs: dict[str, Sequence] = {}
