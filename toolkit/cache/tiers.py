@@ -75,6 +75,7 @@ class SlotPool:
         self.writing: dict[bytes, int] = {}  # key -> WRITING slot (a copy will publish it)
         self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # READY, oldest first
         self._free = list(range(num_slots - 1, -1, -1))  # a stack: lowest slot first
+        self._num_read = 0  # READY slots with readers > 0 (not evictable)
 
     # ---- counts ---------------------------------------------------------------------
 
@@ -112,8 +113,12 @@ class SlotPool:
 
     # ---- transitions ----------------------------------------------------------------
 
+    @property
+    def num_evictable(self) -> int:
+        return len(self.index) - self._num_read
+
     def can_allocate(self, n: int) -> bool:
-        return n <= self.num_free + sum(1 for _ in self._evictable())
+        return n <= self.num_free + self.num_evictable
 
     def allocate(self, keys: Sequence[bytes]) -> list[tuple[int, int]]:
         """One WRITING slot per key (``can_allocate`` first), evicting unread READY slots,
@@ -152,11 +157,13 @@ class SlotPool:
     def pin(self, slot: int) -> None:
         """A copy reads ``slot``: it is not evicted until ``unpin``."""
         assert self.state[slot] == READY, f"{self.name}: pin of a {self.state[slot]} slot"
+        self._num_read += self.readers[slot] == 0
         self.readers[slot] += 1
 
     def unpin(self, slot: int) -> None:
         assert self.readers[slot] > 0, f"{self.name}: unpin without pin"
         self.readers[slot] -= 1
+        self._num_read -= self.readers[slot] == 0
 
     def drop(self, key: bytes) -> Optional[int]:
         """Forget ``key`` (a page that failed its checksum); its slot is free unless a copy
@@ -206,6 +213,7 @@ class SlotPool:
             else:
                 assert s not in self._lru and self.readers[s] == 0, f"{self.name}: slot {s} {st} read"
         assert len(self.index) == len(self._lru)
+        assert self._num_read == sum(1 for s in self._lru if self.readers[s]), f"{self.name}: read count"
         for key, s in self.writing.items():
             assert self.state[s] == WRITING and self.key[s] == key
 
