@@ -22,6 +22,8 @@ class UnifiedWorker:
             for seq in self.engine.step():
                 if seq.is_finished:
                     self.end(seq)
+        else:
+            self.engine.poll_copies()  # tier copies end (and unpin their pages) while idle too
 
     def end(self, seq) -> None:
         emit = self.emitters.pop(seq.request_id, None)

@@ -37,7 +37,7 @@ def test_kv_tiers_movement_times_and_checks_every_path(flags):
     sync = " + fsync" if flags else ""
     read = " (cold: fadvise DONTNEED)" if flags else " (page cache)"
     tiers = [("device -> host (gather, ready, asarray, store)", "device copy (jitted gather)"),
-             ("host -> device (index, scatter, ready)", "device copy (jitted gather)"),
+             ("host -> device (slots, scatter, ready)", "device copy (jitted gather)"),
              ("host -> file (FileTier WRITE)" + sync, "plain os.pwrite" + sync),
              ("file -> host (FileTier READ)" + read, "plain os.preadv" + read)]
     baselines = {"device copy (jitted gather)", "host memcpy (np.copyto)", "plain os.pwrite" + sync,

@@ -43,7 +43,7 @@ def make(tmp_path=None, host=6, storage=0, pages=LAYOUT.num_pages):
 def write(pool, mover, tokens, pages, first_page=0):
     """'Compute' the KV of ``tokens`` into ``pages`` (page j holds tokens of page first_page+j)."""
     ks, vs = zip(*(kv_of(tokens[(first_page + j) * S:(first_page + j + 1) * S]) for j in range(len(pages))))
-    mover.scatter(pages, np.stack(ks), np.stack(vs))
+    mover.scatter(pages, np.stack(ks), np.stack(vs), list(range(len(pages))))
 
 
 def assert_holds(pool, tokens, pages):
@@ -135,7 +135,7 @@ def test_round_trips_are_bit_exact(tmp_path):
     shape = (4,) + LAYOUT.shape[1:]
     k, v = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
     src = [3, 9, 4, 17]
-    tiers.mover.scatter(src, k, v)
+    tiers.mover.scatter(src, k, v, [0, 1, 2, 3])
     keys = [bytes([i]) * 16 for i in range(4)]
     assert tiers.backup(src, keys) is not None
     tiers.drain()

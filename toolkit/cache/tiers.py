@@ -260,14 +260,15 @@ class PoolMover:
             k, v = jax.device_put((k, v), self._host)
         return k, v
 
-    def scatter(self, pages: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
-        """Write host pages ``k``/``v`` [n, L, S, KV, Dh] into device ``pages`` (dispatched:
-        a step launched after reads them)."""
+    def scatter(self, pages: Sequence[int], host_k: np.ndarray, host_v: np.ndarray, slots: Sequence[int]) -> None:
+        """Write host slots ``slots`` of ``host_k``/``host_v`` [H, L, S, KV, Dh] into device
+        ``pages`` (dispatched: a step launched after reads them). One host copy: the slots
+        are gathered straight into the padded batch (padding rows repeat the first slot and
+        land in the padding page)."""
         n, m = len(pages), _bucket(len(pages))
-        idx = np.zeros(m, np.int32)
-        idx[:n] = pages
-        pad = ((0, m - n),) + ((0, 0),) * (k.ndim - 1)
-        self.pool.k, self.pool.v = self._scatter(self.pool.k, self.pool.v, idx, np.pad(k, pad), np.pad(v, pad))
+        idx, src = np.zeros(m, np.int32), np.full(m, slots[0], np.int64)
+        idx[:n], src[:n] = pages, slots
+        self.pool.k, self.pool.v = self._scatter(self.pool.k, self.pool.v, idx, host_k[src], host_v[src])
         assert self.pool.buffer_pointers() == self._ptrs, "KV pool moved: donation failed"
 
 
@@ -427,9 +428,10 @@ class FileTier:
 
     def wait(self, handle, timeout_s: float = 60.0) -> str:
         t0 = time.perf_counter()
-        while (s := self.state(handle)) == "PROC":
+        while (s := self.state(handle)) == "PROC":  # (polling drives the POSIX backend)
             if time.perf_counter() - t0 > timeout_s:
                 return "ERR"
+            time.sleep(0)  # let the server's other threads run
         return s
 
     def close(self) -> None:
@@ -633,8 +635,7 @@ class KVTiers:
         hslots = self._read_storage(keys, hits)
         n = len(hslots)
         if n:
-            idx = np.asarray(hslots)
-            self.mover.scatter(pages[:n], self.host.k[idx], self.host.v[idx])
+            self.mover.scatter(pages[:n], self.host.k, self.host.v, hslots)
             self.st.loaded_bytes["host"] += n * self.page_bytes
             self.st.loaded_pages["host"] += sum(1 for t, _ in hits[:n] if t == "host")
             self.st.loaded_pages["storage"] += sum(1 for t, _ in hits[:n] if t == "storage")

@@ -56,6 +56,8 @@ class PrefillWorker(WorkerBase):
         if self.engine.has_unfinished():
             self.engine.step()
             self.engine.wait_for_kv()  # the step's KV writes land before any WRITE reads the pool
+        else:
+            self.engine.poll_copies()  # tier copies end (and unpin their pages) while idle too
         for r in self.active_rooms():
             if r.seq is not None and r.state in (RoomState.WAITING_FOR_INPUT, RoomState.TRANSFERRING):
                 self._post_ready(r)
