@@ -153,7 +153,7 @@ def movement(a) -> tuple[list[dict], dict]:
 
     from kernels.attention_ref import gather_pages
     from toolkit.cache.pool import KVPool, PoolLayout
-    from toolkit.cache.tiers import FileTier, HostTier, PoolMover
+    from toolkit.cache.tiers import FileTier, HostTier, PoolMover, _pinned_torch_ok
 
     setup = MOVE["gpu" if a.gpu else "cpu"]
     L, S, KV, Dh, dtype = setup["page"]
@@ -177,9 +177,9 @@ def movement(a) -> tuple[list[dict], dict]:
     for lo in range(0, P, 64):
         pages = list(range(lo, min(P, lo + 64)))
         data = block[np.asarray(pages) % nb]
-        mover.scatter(pages, data, data[::-1].copy(), list(range(len(pages))))
+        mover.scatter(pages, data, data[::-1].copy())
     jax.block_until_ready((pool.k, pool.v))
-    host = HostTier(one, H)
+    host = HostTier(one, H, pinned=jax.devices()[0].platform == "gpu" and _pinned_torch_ok())
     workdir = a.dir or tempfile.mkdtemp(prefix="kv-tiers-bench-")
     os.makedirs(workdir, exist_ok=True)
     storage = FileTier(os.path.join(workdir, "tier"), H, host, b"bench-kv-tiers", one)
@@ -235,8 +235,7 @@ def movement(a) -> tuple[list[dict], dict]:
             t2 = time.perf_counter()
             k, v = (np.asarray(x) for x in arrays)
             t3 = time.perf_counter()
-            for i, slot in enumerate(p["host"]):
-                host.k[slot], host.v[slot] = k[i], v[i]
+            host.put(p["host"], k, v)  # (as KVTiers._end_d2h)
             t4 = time.perf_counter()
             return {"total": t4 - t0, "dispatch": t1 - t0, "ready": t2 - t1, "asarray": t3 - t2, "store": t4 - t3}
 
@@ -250,7 +249,7 @@ def movement(a) -> tuple[list[dict], dict]:
         def h2d(p=p):
             sync_pool()
             t0 = time.perf_counter()
-            mover.scatter(p["dev2"], host.k, host.v, p["host"])  # (gathers the slots itself)
+            mover.load(p["dev2"], host, p["host"])  # (gathers the slots itself)
             t2 = time.perf_counter()
             sync_pool()
             t3 = time.perf_counter()

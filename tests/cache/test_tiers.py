@@ -31,11 +31,11 @@ def kv_of(tokens) -> tuple[np.ndarray, np.ndarray]:
     return k, -k
 
 
-def make(tmp_path=None, host=6, storage=0, pages=LAYOUT.num_pages):
+def make(tmp_path=None, host=6, storage=0, pages=LAYOUT.num_pages, pinned=None):
     pool = KVPool(PoolLayout(**{**LAYOUT.__dict__, "num_pages": pages}))
     mgr = CacheManager(pages, S, "radix", seed=SEED)
     tiers = T.KVTiers(T.PoolMover(pool), LAYOUT, host, SEED,
-                      storage_path=str(tmp_path) if storage else "", storage_slots=storage)
+                      storage_path=str(tmp_path) if storage else "", storage_slots=storage, pinned=pinned)
     mgr.attach_tiers(tiers)
     return pool, mgr, tiers
 
@@ -43,7 +43,7 @@ def make(tmp_path=None, host=6, storage=0, pages=LAYOUT.num_pages):
 def write(pool, mover, tokens, pages, first_page=0):
     """'Compute' the KV of ``tokens`` into ``pages`` (page j holds tokens of page first_page+j)."""
     ks, vs = zip(*(kv_of(tokens[(first_page + j) * S:(first_page + j + 1) * S]) for j in range(len(pages))))
-    mover.scatter(pages, np.stack(ks), np.stack(vs), list(range(len(pages))))
+    mover.scatter(pages, np.stack(ks), np.stack(vs))
 
 
 def assert_holds(pool, tokens, pages):
@@ -126,16 +126,20 @@ def test_slot_pool_random_operations_keep_every_state_consistent(seed):
     assert sp.num_free == sp.num_slots, "slots missing once every copy ended"
 
 
-def test_round_trips_are_bit_exact(tmp_path):
+@pytest.mark.parametrize("pinned", [False, True], ids=["pageable", "pinned"])
+def test_round_trips_are_bit_exact(tmp_path, pinned):
     """Guards against a page coming back from host or storage with other bytes (a wrong
-    slot, a wrong offset in the file, K and V swapped): device -> host -> file, then a
-    fresh tier set (a restart) reads it back into other device pages."""
-    pool, mgr, tiers = make(tmp_path, host=8, storage=16)
+    slot, a wrong offset in the file, K and V swapped, a reused pinned batch): device ->
+    host -> file, then a fresh tier set (a restart) reads it back into other device pages.
+    ``pinned`` (page-locked host buffers, torch's threads) needs a GPU."""
+    if pinned and not T._pinned_torch_ok():
+        pytest.skip("page-locked host memory needs torch with CUDA (a GPU host)")
+    pool, mgr, tiers = make(tmp_path, host=8, storage=16, pinned=pinned)
     rng = np.random.default_rng(0)
     shape = (4,) + LAYOUT.shape[1:]
     k, v = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
     src = [3, 9, 4, 17]
-    tiers.mover.scatter(src, k, v, [0, 1, 2, 3])
+    tiers.mover.scatter(src, k, v)
     keys = [bytes([i]) * 16 for i in range(4)]
     assert tiers.backup(src, keys) is not None
     tiers.drain()
@@ -145,7 +149,7 @@ def test_round_trips_are_bit_exact(tmp_path):
     assert tiers.stats().storage_used == 4
     tiers.close()
 
-    pool2, mgr2, tiers2 = make(tmp_path, host=8, storage=16)  # restart: the index is read back
+    pool2, mgr2, tiers2 = make(tmp_path, host=8, storage=16, pinned=pinned)  # restart: the index is read back
     hits = tiers2.lookup(keys)
     assert [t for t, _ in hits] == ["storage"] * 4
     assert tiers2.load(keys, hits, [5, 6, 7, 8]) == 4
