@@ -268,3 +268,20 @@ def test_corrupt_storage_page_is_dropped_and_the_run_truncated(tmp_path, caplog)
     assert "checksum" in caplog.text
     assert len(tiers.lookup(keys)) == 1
     tiers.close()
+
+
+def test_a_full_host_tier_evicts_a_chain_from_its_end():
+    """Guards against a host tier that evicts the start of a prefix and strands the rest (a
+    hit needs the chain unbroken from page 0, so the later pages would take slots and never
+    hit): with 4 host slots holding one 4-page prefix, a new 2-page prefix must take the
+    first prefix's last two pages, and its first two still hit."""
+    pool, mgr, tiers = make(host=4)
+    first, other = list(range(1, 10)), list(range(50, 55))  # 4 and 2 whole pages (+1 token)
+    run_request(pool, mgr, tiers, first)
+    mgr.poll_copies(block=True)
+    run_request(pool, mgr, tiers, other)
+    mgr.poll_copies(block=True)
+    assert len(tiers.lookup(_hashes(other[:-1]))) == 2
+    assert len(tiers.lookup(_hashes(first[:-1]))) == 2, "the host tier evicted the start of a prefix"
+    mgr.flush()
+    tiers.close()

@@ -171,3 +171,22 @@ def test_storage_directory_of_a_live_worker_is_refused(tiny_ckpt, make_engine, t
     make_engine(tiny_ckpt, cache=tiered(tmp_path, storage=True), **CFG)
     with pytest.raises(V.ConfigError, match="cache.storage_path"):
         make_engine(tiny_ckpt, cache=tiered(tmp_path, storage=True), **CFG)
+
+
+def test_warmup_compiles_the_tier_copies(tiny_ckpt, make_engine, reference):
+    """Guards against the first copy down or the first host hit compiling inside a request's
+    TTFT: after warm-up, a request that is offloaded and one served from host compile nothing."""
+    from toolkit.engine import compile_cache
+
+    system, convs, (ref, _) = reference
+    e = make_engine(tiny_ckpt, cache=tiered(), **{**CFG, "max_model_len": 64, "chunk_size": 64,
+                                                  "shape_buckets": "compact", "max_prefill_seqs": 1})
+    e.warmup(force=True, progress=False)
+    before = compile_cache.counts().compiled
+    prompt = list(system) + convs[0][0]
+    first = e.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+    e.wait_for_copies()
+    e.flush_cache()
+    again = e.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+    assert again.token_ids == first.token_ids and again.cached_tokens > 0
+    assert compile_cache.counts().compiled == before, "a tier copy compiled after warm-up"

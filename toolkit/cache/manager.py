@@ -275,7 +275,7 @@ class CacheManager:
         self.cache.lock(res.node)
         self.free(res.duplicates, unlock=[node] if node is not None else [])
         if self.tiers is not None and res.new:  # write-through: the new leaf's pages go down
-            copy = self.tiers.backup(res.node.pages, res.node.hashes)
+            copy = self.tiers.backup(res.node.pages, res.node.hashes, chain=self.cache.path_hashes(res.node.parent))
             if copy is not None:
                 copy.node = res.node
                 self.cache.lock(res.node)  # until poll_copies sees the copy complete

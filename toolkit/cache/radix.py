@@ -187,6 +187,15 @@ class RadixCache(PrefixCache):
             node = node.parent
         return [p for part in reversed(parts) for p in part]
 
+    @staticmethod
+    def path_hashes(node: Node) -> list[bytes]:
+        """The chained hashes of the pages from the root down to ``node``."""
+        parts = []
+        while node.parent is not None:
+            parts.append(node.hashes)
+            node = node.parent
+        return [h for part in reversed(parts) for h in part]
+
     # ---- the contract --------------------------------------------------------------
 
     def match(self, tokens: Sequence[int]) -> Match:

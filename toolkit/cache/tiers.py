@@ -112,6 +112,14 @@ class SlotPool:
             self._lru.move_to_end(slot)
         return slot
 
+    def touch_chain(self, keys: Sequence[bytes]) -> None:
+        """Mark a chain of keys used, its first key the most recent: a hit needs the chain
+        unbroken from its start, so the pages at its end go first, never its start."""
+        for key in reversed(keys):
+            slot = self.index.get(key)
+            if slot is not None:
+                self._lru.move_to_end(slot)
+
     # ---- transitions ----------------------------------------------------------------
 
     @property
@@ -302,6 +310,7 @@ class Copy:
     handle: object = None  # h2f: the NIXL request
     crcs: list[int] = dataclasses.field(default_factory=list)
     node: object = None  # d2h: the tree node whose lock pins ``src``
+    chain: list = dataclasses.field(default_factory=list)  # keys of the prefix before ``keys``
 
 
 def _pinned_torch_ok() -> bool:
@@ -585,18 +594,21 @@ class KVTiers:
 
     # ---- device -> host -> file ---------------------------------------------------------
 
-    def backup(self, pages: Sequence[int], keys: Sequence[bytes]) -> Optional[Copy]:
+    def backup(self, pages: Sequence[int], keys: Sequence[bytes], chain: Sequence[bytes] = ()) -> Optional[Copy]:
         """Start copying the device ``pages`` whose ``keys`` the host tier lacks; returns the
         copy (the caller pins ``pages`` until ``poll`` returns it) or None when there is
-        nothing to copy or no host slot to copy into."""
-        hs = self.host.slots
+        nothing to copy or no host slot to copy into. ``chain``: the keys of the pages before
+        ``pages`` in their prefix, kept more recent than these (``touch_chain``)."""
+        hs, whole = self.host.slots, list(chain) + list(keys)
+        hs.touch_chain(whole)
         want = [(p, k) for p, k in zip(pages, keys) if not hs.has(k)]
         while want and not hs.can_allocate(len(want)):
             want.pop()  # the tier is full of pages being read or written: copy what fits
         if not want:
             return None
         src, keys = [p for p, _ in want], [k for _, k in want]
-        c = Copy("d2h", keys, hs.allocate(keys), src, len(src) * self.page_bytes, arrays=self.mover.gather(src))
+        c = Copy("d2h", keys, hs.allocate(keys), src, len(src) * self.page_bytes, arrays=self.mover.gather(src),
+                 chain=whole)
         self.inflight.append(c)
         return c
 
@@ -628,9 +640,11 @@ class KVTiers:
             self.host.put([c.dst[i][0] for i in live], k, v)
         else:
             self.host.put([c.dst[i][0] for i in live], k[live], v[live])
-        for i, (slot, gen) in enumerate(c.dst):
+        for i in reversed(range(len(c.dst))):  # (the chain's end least recent: evicted first)
+            slot, gen = c.dst[i]
             if hs.end_write(slot, gen, ok=True):
-                published.append((c.keys[i], slot))
+                published.insert(0, (c.keys[i], slot))
+        hs.touch_chain(c.chain)
         self.st.offloaded_bytes["host"] += len(published) * self.page_bytes
         if self.storage is not None and self._storage_error is None and published:
             self._write_through(published)
@@ -661,7 +675,7 @@ class KVTiers:
         for h in c.src:
             self.host.slots.unpin(h)
         fs, lines = self.storage.slots, []
-        for key, (slot, gen), crc in zip(c.keys, c.dst, c.crcs):
+        for key, (slot, gen), crc in reversed(list(zip(c.keys, c.dst, c.crcs))):  # (as _end_d2h)
             if fs.end_write(slot, gen, ok):
                 self.storage.crc[slot] = crc
                 lines.append(f"put {key.hex()} {slot} {crc}\n")
@@ -702,14 +716,17 @@ class KVTiers:
         one (tier, slot) per key found."""
         out = []
         for key in keys:
-            slot = self.host.slots.lookup(key)
+            slot = self.host.slots.index.get(key)
             if slot is not None:
                 out.append(("host", slot))
                 continue
-            slot = self.storage.slots.lookup(key) if self.storage is not None else None
+            slot = self.storage.slots.index.get(key) if self.storage is not None else None
             if slot is None:
                 break
             out.append(("storage", slot))
+        self.host.slots.touch_chain(keys[:len(out)])
+        if self.storage is not None:
+            self.storage.slots.touch_chain(keys[:len(out)])
         return out
 
     def load(self, keys: Sequence[bytes], hits: Sequence[tuple[str, int]], pages: Sequence[int]) -> int:
@@ -779,6 +796,19 @@ class KVTiers:
             self.storage.journal([f"del {slot}\n"])
         except OSError as e:
             self._fail_storage(e)
+
+    def warm(self, max_pages: int) -> int:
+        """Compile the gather and the load for every padded size up to ``max_pages`` (engine
+        warm-up: the first copy or hit then compiles nothing inside a request's TTFT). They
+        read and write only the padding page 0. Returns how many sizes."""
+        m, sizes = 8, 0
+        while True:
+            jax.block_until_ready(self.mover.gather([0] * m))
+            self.mover.load([0] * m, self.host, [0] * m)
+            sizes += 1
+            if m >= max_pages:
+                return sizes
+            m *= 2
 
     # ---- shutdown -------------------------------------------------------------------------
 

@@ -379,6 +379,8 @@ class Engine:
             raise RuntimeError("warmup() runs before the first request (the engine has work)")
         t0, before, stored = time.perf_counter(), compile_cache.counts(), self.runner.executables_loaded
         ran = self.runner.warmup(progress=progress, on_progress=on_progress)
+        if self.kv.tiers is not None:  # the tiers' page gathers and loads, every padded size
+            self.kv.tiers.warm(pages_for(self.max_model_len, self.cfg.page_size))
         after = compile_cache.counts()
         rep = WarmupReport(shapes=ran, seconds=time.perf_counter() - t0,
                            compiled=after.compiled - before.compiled, loaded=after.loaded - before.loaded,
