@@ -179,22 +179,23 @@ class RadixCache(PrefixCache):
         return node, at
 
     @staticmethod
-    def path_pages(node: Node) -> list[int]:
-        """The pages from the root down to ``node`` (what a match ending there returned)."""
+    def _path(node: Node, field: str) -> list:
+        """``node.<field>`` (pages or hashes) of every node from the root down to ``node``, joined."""
         parts = []
         while node.parent is not None:
-            parts.append(node.pages)
+            parts.append(getattr(node, field))
             node = node.parent
-        return [p for part in reversed(parts) for p in part]
+        return [x for part in reversed(parts) for x in part]
 
-    @staticmethod
-    def path_hashes(node: Node) -> list[bytes]:
+    @classmethod
+    def path_pages(cls, node: Node) -> list[int]:
+        """The pages from the root down to ``node`` (what a match ending there returned)."""
+        return cls._path(node, "pages")
+
+    @classmethod
+    def path_hashes(cls, node: Node) -> list[bytes]:
         """The chained hashes of the pages from the root down to ``node``."""
-        parts = []
-        while node.parent is not None:
-            parts.append(node.hashes)
-            node = node.parent
-        return [h for part in reversed(parts) for h in part]
+        return cls._path(node, "hashes")
 
     # ---- the contract --------------------------------------------------------------
 

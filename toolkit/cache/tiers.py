@@ -89,10 +89,6 @@ class SlotPool:
         return len(self.index)
 
     @property
-    def num_writing(self) -> int:
-        return sum(1 for s in self.state if s == WRITING)
-
-    @property
     def num_used(self) -> int:
         return self.num_slots - self.num_free
 
@@ -588,9 +584,6 @@ class KVTiers:
         s.copies_inflight = len(self.inflight)
         return dataclasses.replace(s, loaded_pages=dict(s.loaded_pages), offloaded_bytes=dict(s.offloaded_bytes),
                                    loaded_bytes=dict(s.loaded_bytes))
-
-    def device_pages_in_flight(self) -> list[int]:
-        return [p for c in self.inflight if c.kind == "d2h" for p in c.src]
 
     # ---- device -> host -> file ---------------------------------------------------------
 
