@@ -15,7 +15,7 @@ def build_pd_worker(cfg):
     validate(cfg)
     prefill = cfg.role.name == "prefill"
     engine = Engine.from_config(cfg.model, cfg.engine, keep_pages_on_finish=prefill, cache=cfg.cache,
-                                prefill_only=prefill)
+                                prefill_only=prefill, transfer_rooms=cfg.transfer.max_rooms)
     return make_worker(cfg.role.name, engine, cfg.transfer, cfg.role.control_address)
 
 

@@ -112,7 +112,7 @@ def test_random_operations_account_for_every_page(seed):
                 d.kv.unreserve(owner, hold_s=rng.choice([0.0, 1e-4, 60.0]))
             else:  # the transfer succeeded: a request owns the pages
                 node, _ = d.kv.match([])  # (decode matched its prompt, here empty, before reserving)
-                pages = d.kv.claim(owner)
+                pages, _ = d.kv.claim(owner)
                 d._ids += 1
                 d.live[d._ids] = dict(tokens=[1000 + owner] * (len(pages) * S), pages=pages, node=node)
         elif op < 0.9 and d.kv._held.owners():

@@ -65,7 +65,8 @@ def our_logits_all_positions(a, w, ids, page_size=4):
         tokens=jnp.asarray(ids, jnp.int32), positions=jnp.asarray(pos, jnp.int32),
         slot_mapping=jnp.asarray(pages[pos // page_size] * page_size + pos % page_size, jnp.int32),
         page_table=jnp.asarray(np.tile(pages, (T, 1))), cu_q_lens=jnp.asarray(np.arange(T + 1), jnp.int32),
-        kv_lens=jnp.asarray(pos + 1, jnp.int32), logits_indices=jnp.asarray(pos, jnp.int32))
+        kv_lens=jnp.asarray(pos + 1, jnp.int32), logits_indices=jnp.asarray(pos, jnp.int32),
+        state_slots=jnp.zeros(T, jnp.int32))
     # T sequences that share the same pages: sequence t's single query is token t.
     logits, _, _ = forward(graphdef, state, k_pool, jnp.zeros_like(k_pool), inp, attn=REFERENCE,
                            max_q_len=2)

@@ -27,6 +27,13 @@ tree before the match returns. A copy in flight holds a tree lock on the node of
 it reads, dropped only once ``poll_copies`` observes it complete, so those pages are never
 evicted or handed out while the copy may still read them; a request that finishes
 meanwhile drops only its own lock.
+
+Hybrid models also keep per-request recurrent state (toolkit/cache/state_pool.py): its
+slots (``num_state_slots``; slot 0 is padding) are this manager's too, with the same
+rules: a request takes one at admission (``can_allocate_slot``/``allocate_slot``) or with
+its reservation (``reserve(..., state=True)``), and it comes back with the request's pages
+(``free``/``release``: deferred while a step in flight may touch it) or is held with a failed
+room's pages.
 """
 
 from __future__ import annotations
@@ -48,15 +55,21 @@ def make_prefix_cache(policy: str, page_size: int, seed: bytes = b"") -> Optiona
 
 
 class CacheManager:
-    def __init__(self, num_pages: int, page_size: int, policy: str = "none", seed: bytes = b""):
+    def __init__(self, num_pages: int, page_size: int, policy: str = "none", seed: bytes = b"",
+                 num_state_slots: int = 0):
         self.page_size = page_size
         self._alloc = PageAllocator(num_pages)
+        # state slots of a model with recurrent layers (an id allocator like the pages': slot 0
+        # is padding), or None; a request of a model without state has slot 0
+        self._slots = PageAllocator(num_state_slots) if num_state_slots else None
         self.cache = make_prefix_cache(policy, page_size, seed)
         self.inflight_step: Optional[int] = None  # newest launched step whose results are unread
-        # (step it waits for, pages to free, cache nodes to unlock)
-        self._deferred: list[tuple[int, list[int], list[Node]]] = []
+        # (step it waits for, pages to free, cache nodes to unlock, state slots to free)
+        self._deferred: list[tuple[int, list[int], list[Node], list[int]]] = []
         self._reserved: dict[Hashable, list[int]] = {}  # owner -> pages another worker writes
-        self._held = Holds()  # owner -> pages of a failed transfer, until confirmed or expired
+        self._reserved_slot: dict[Hashable, int] = {}  # owner -> the state slot it writes too
+        # owner -> (pages, state slots) of a failed transfer, until confirmed or expired
+        self._held = Holds()
         self.num_evicted = 0  # cached pages evicted to satisfy an allocation, so far
         self.tiers = None  # KVTiers below the tree (attach_tiers), or None
 
@@ -103,7 +116,7 @@ class CacheManager:
     @property
     def num_held(self) -> int:
         """Pages of failed transfers' reservations, waiting until no write can land."""
-        return sum(len(p) for p in self._held.items())
+        return sum(len(p) for p, _ in self._held.items())
 
     @property
     def num_used(self) -> int:
@@ -111,8 +124,32 @@ class CacheManager:
         return self.num_usable - self.num_free - self.num_cached
 
     def all_free(self) -> bool:
-        """Every usable page in the allocator (after ``flush``, at rest)."""
-        return self._alloc.all_free()
+        """Every usable page (and state slot) in its allocator (after ``flush``, at rest)."""
+        return self._alloc.all_free() and (self._slots is None or self._slots.all_free())
+
+    # ---- state slots (models with recurrent layers) ---------------------------------
+
+    @property
+    def has_state(self) -> bool:
+        return self._slots is not None
+
+    @property
+    def num_state_slots(self) -> int:
+        """Usable state slots (not counting the padding slot); 0 without state."""
+        return self._slots.num_usable if self._slots is not None else 0
+
+    @property
+    def num_free_slots(self) -> int:
+        return self._slots.num_free if self._slots is not None else 0
+
+    def can_allocate_slot(self) -> bool:
+        """A request may be admitted (always, without state)."""
+        return self._slots is None or self._slots.can_allocate(1)
+
+    def allocate_slot(self) -> int:
+        """A state slot for a new request (its state starts from zeros at position 0: the
+        slot is not cleared); 0 without state."""
+        return self._slots.allocate(1)[0] if self._slots is not None else 0
 
     # ---- pages ----------------------------------------------------------------------
 
@@ -130,21 +167,24 @@ class CacheManager:
             self.num_evicted += short
         return self._alloc.allocate(n)
 
-    def free(self, pages: Seq[int], unlock: Seq[Node] = ()) -> None:
-        """Give pages back (and drop cache locks) now, or once the step in flight, which
-        may still touch them, is collected."""
+    def free(self, pages: Seq[int], unlock: Seq[Node] = (), slot: int = 0) -> None:
+        """Give pages (and a state slot; 0: none) back and drop cache locks now, or once the
+        step in flight, which may still touch them, is collected."""
+        slots = [slot] if slot else []
         if self.inflight_step is None:
-            self._release_now(pages, unlock)
-        elif pages or unlock:
-            self._deferred.append((self.inflight_step, list(pages), list(unlock)))
+            self._release_now(pages, unlock, slots)
+        elif pages or unlock or slots:
+            self._deferred.append((self.inflight_step, list(pages), list(unlock), slots))
 
-    def _release_now(self, pages: Seq[int], unlock: Seq[Node]) -> None:
+    def _release_now(self, pages: Seq[int], unlock: Seq[Node], slots: Seq[int] = ()) -> None:
         self._alloc.free(list(pages))
+        if slots:
+            self._slots.free(list(slots))
         for node in unlock:
             self.cache.unlock(node)
 
     def has_deferred_page(self) -> bool:
-        return any(pages for _, pages, _ in self._deferred)
+        return any(pages for _, pages, _, _ in self._deferred)
 
     def take_deferred_page(self) -> int:
         """A page held back for the step in flight, for the step being scheduled: that step
@@ -161,57 +201,66 @@ class CacheManager:
         if self.inflight_step == step_id:
             self.inflight_step = None
         keep = []
-        for sid, pages, nodes in self._deferred:
-            if sid <= step_id:
-                self._release_now(pages, nodes)
+        for item in self._deferred:
+            if item[0] <= step_id:
+                self._release_now(*item[1:])
             else:
-                keep.append((sid, pages, nodes))
+                keep.append(item)
         self._deferred = keep
 
     # ---- pages another worker writes (the P/D decode role) ------------------------
 
-    def reserve(self, owner: Hashable, n: int) -> list[int]:
+    def reserve(self, owner: Hashable, n: int, state: bool = False) -> list[int]:
         """``n`` pages (``can_allocate`` first) for a transfer into this pool, recorded under
-        ``owner`` until ``claim`` (a request takes them) or ``unreserve``."""
+        ``owner`` until ``claim`` (a request takes them) or ``unreserve``; with ``state``
+        also a state slot (``can_allocate_slot`` first; ``reserved_slot`` says which)."""
         assert owner not in self._reserved and owner not in self._held, f"{owner!r} already holds pages"
+        assert not state or self._slots is not None, "a state slot, but the model has no state"
         pages = self.allocate(n)
         self._reserved[owner] = pages
+        if state:
+            self._reserved_slot[owner] = self.allocate_slot()
         return list(pages)
 
-    def claim(self, owner: Hashable) -> list[int]:
-        """The transfer into ``owner``'s reservation ended well: its pages are a request's
-        now (freed with the request). Returns them ([] if ``owner`` reserved nothing)."""
-        return self._reserved.pop(owner, [])
+    def reserved_slot(self, owner: Hashable) -> int:
+        """The state slot reserved with ``owner``'s pages (0: none)."""
+        return self._reserved_slot.get(owner, 0)
+
+    def claim(self, owner: Hashable) -> tuple[list[int], int]:
+        """The transfer into ``owner``'s reservation ended well: its pages (and state slot)
+        are a request's now (freed with the request). Returns them ([], 0 if ``owner``
+        reserved nothing)."""
+        return self._reserved.pop(owner, []), self._reserved_slot.pop(owner, 0)
 
     def unreserve(self, owner: Hashable, hold_s: float = 0.0) -> None:
         """The transfer into ``owner``'s reservation will not be used. ``hold_s`` > 0: the
         peer may still be writing, so the pages stay out of the allocator until
         ``end_hold(owner)`` or ``hold_s`` seconds pass; 0: nothing can write them, free now
         (or once the step in flight is collected)."""
-        pages = self._reserved.pop(owner, [])
-        if hold_s > 0 and pages:
-            self._held.hold(owner, pages, hold_s)
+        pages, slot = self._reserved.pop(owner, []), self._reserved_slot.pop(owner, 0)
+        if hold_s > 0 and (pages or slot):
+            self._held.hold(owner, (pages, slot), hold_s)
         else:
-            self.free(pages)
+            self.free(pages, slot=slot)
 
     def holds(self, owner: Hashable) -> bool:
-        return owner in self._reserved or owner in self._held
+        return owner in self._reserved or owner in self._reserved_slot or owner in self._held
 
     def end_hold(self, owner: Hashable) -> bool:
         """The peer confirmed no write into ``owner``'s held pages is in flight: free them.
         False when ``owner`` holds none (it expired, or never failed)."""
-        pages = self._held.pop(owner)
-        if pages is not None:
-            self.free(pages)
-        return pages is not None
+        held = self._held.pop(owner)
+        if held is not None:
+            self.free(held[0], slot=held[1])
+        return held is not None
 
     def expire_holds(self, now: float | None = None) -> int:
         """Free the holds whose deadline passed; returns how many pages."""
         n = 0
         for o in self._held.expired(now):
-            pages = self._held.pop(o)
+            pages, slot = self._held.pop(o)
             n += len(pages)
-            self.free(pages)
+            self.free(pages, slot=slot)
         return n
 
     # ---- the prefix cache ---------------------------------------------------------
@@ -281,13 +330,15 @@ class CacheManager:
                 self.cache.lock(res.node)  # until poll_copies sees the copy complete
         return res.pages + pages[len(res.pages):], res.node
 
-    def release(self, tokens: Seq[int], pages: list[int], node: Optional[Node], keep: bool = True) -> None:
-        """A request is done with its pages. With ``keep`` its committed KV (``tokens``, whole
-        pages) enters the cache first; without, the cache keeps only what it already held
-        (a failed or aborted request adds nothing). The rest is freed and the lock dropped,
-        both deferred while a step is in flight."""
+    def release(self, tokens: Seq[int], pages: list[int], node: Optional[Node], keep: bool = True,
+                slot: int = 0) -> None:
+        """A request is done with its pages (and state slot). With ``keep`` its committed KV
+        (``tokens``, whole pages) enters the cache first; without, the cache keeps only what
+        it already held (a failed or aborted request adds nothing). The rest is freed and the
+        lock dropped, all deferred while a step is in flight."""
         if self.cache is None:
-            return self.free(pages)
+            return self.free(pages, slot=slot)
+        assert not slot, "a prefix cache with recurrent state (validation refuses it)"
         if not pages and node is None:  # released already: a second release does nothing
             return
         if keep:
@@ -306,10 +357,17 @@ class CacheManager:
         self._alloc.free(pages)
         return len(pages)
 
-    def check(self, live: Seq[Seq[int]] = ()) -> None:
+    def check(self, live: Seq[Seq[int]] = (), live_slots: Seq[int] = ()) -> None:
         """Integrity: tree + free + deferred + held + live (the request page lists' pages the
-        tree does not hold, and reservations) are the usable pages, each once; the tree's own
-        invariants hold."""
+        tree does not hold, and reservations) are the usable pages, each once; the same for
+        state slots (free + live + reserved + deferred + held); the tree's own invariants hold."""
+        if self._slots is not None:
+            slots = [s for s in live_slots if s] + list(self._reserved_slot.values())
+            slots += [s for *_, sl in self._deferred for s in sl] + [s for _, s in self._held.items() if s]
+            slots += list(self._slots._free)
+            assert len(slots) == len(set(slots)), "a state slot in two places"
+            assert len(slots) == self._slots.num_usable, (
+                f"{self._slots.num_usable} usable state slots, accounted {len(slots)}: free {self._slots.num_free}")
         tree: list[int] = []
         if self.cache is not None:
             self.cache.check()
@@ -323,8 +381,8 @@ class CacheManager:
                         "a copy in flight reads pages that are not locked in the tree"
         owned = [p for pages in live for p in pages if p not in in_tree]
         owned += [p for pages in self._reserved.values() for p in pages]
-        deferred = [p for _, pages, _ in self._deferred for p in pages]
-        held = [p for pages in self._held.items() for p in pages]
+        deferred = [p for _, pages, _, _ in self._deferred for p in pages]
+        held = [p for pages, _ in self._held.items() for p in pages]
         everything = tree + owned + deferred + held + list(self._alloc._free)
         assert len(everything) == len(set(everything)), "a page in two places"
         assert len(everything) == self.num_usable, (

@@ -108,7 +108,8 @@ class PoolLayout:
 
     @classmethod
     def for_model(cls, args: ModelArgs, num_pages: int, page_size: int, dtype) -> "PoolLayout":
-        return cls(args.num_layers, num_pages, page_size, args.num_kv_heads, args.head_dim,
+        """The attention layers' pool (a hybrid's Mamba2 layers keep state, not pages)."""
+        return cls(args.num_attn_layers, num_pages, page_size, args.num_kv_heads, args.head_dim,
                    np.dtype(dtype).name)
 
 
@@ -133,16 +134,7 @@ class KVPool:
         self.k, self.v = (self._zeros(device) for _ in range(2))
 
     def _zeros(self, device):
-        if self.alloc == "xla":
-            return jax.device_put(jnp.zeros(self.layout.shape, self.layout.dtype), device)
-        import torch
-
-        t = torch.zeros(self.layout.shape, dtype=getattr(torch, self.layout.dtype),
-                        device=f"cuda:{getattr(device, 'local_hardware_id', None) or device.id}")
-        self._owners.append(t)
-        arr = jax.dlpack.from_dlpack(t)
-        assert arr.unsafe_buffer_pointer() == t.data_ptr(), "DLPack import copied the pool"
-        return arr
+        return device_zeros(self.layout.shape, self.layout.dtype, device, self.alloc, self._owners)
 
     def buffer_pointers(self) -> tuple[int, int]:
         return (self.k.unsafe_buffer_pointer(), self.v.unsafe_buffer_pointer())
@@ -152,6 +144,21 @@ class KVPool:
         dev = self.k.devices().pop()
         on_gpu = dev.platform == "gpu"
         return self.layout.placed("VRAM" if on_gpu else "DRAM", dev.id if on_gpu else 0, self.buffer_pointers())
+
+
+def device_zeros(shape, dtype: str, device, alloc: str, owners: list):
+    """A zero buffer placed by ``alloc`` (resolved: xla | cuda_malloc); a cudaMalloc'd one
+    is kept alive by appending its torch tensor to ``owners``."""
+    if alloc == "xla":
+        return jax.device_put(jnp.zeros(shape, dtype), device)
+    import torch
+
+    t = torch.zeros(shape, dtype=getattr(torch, np.dtype(dtype).name),
+                    device=f"cuda:{getattr(device, 'local_hardware_id', None) or device.id}")
+    owners.append(t)
+    arr = jax.dlpack.from_dlpack(t)
+    assert arr.unsafe_buffer_pointer() == t.data_ptr(), "DLPack import copied the buffer"
+    return arr
 
 
 def resolve_alloc(alloc: str, device) -> str:

@@ -106,6 +106,10 @@ class EngineConfig:
     # next step on the device), hiding the host's per-step work behind the device's.
     # Finished requests are noticed one step late (that step's token is dropped).
     overlap_schedule: bool = True
+    # Models with recurrent state (Mamba2 layers): slots of the state pool, one per request
+    # holding state at once. 0: what the role needs (max_batch_size running + the P/D rooms
+    # of transfer.max_rooms + the padding slot); a smaller value is raised to that, warned.
+    state_slots: int = 0
 
 
 @dataclasses.dataclass

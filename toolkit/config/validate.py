@@ -17,7 +17,7 @@ from toolkit.cache.pool import KV_ALLOC
 from toolkit.disagg.choices import PD_ROLES, PD_TRANSFER_BACKENDS, TRANSFER_BACKENDS
 from toolkit.engine.buckets import SHAPE_BUCKETS
 from toolkit.models.loader import SOURCES as MODEL_SOURCES
-from toolkit.models.spec import LAYER_LOOPS
+from toolkit.models.spec import LAYER_LOOPS, STATE_ARCHITECTURES
 
 # Kept here: their implementations sit in modules that import JAX or FastAPI at the top
 # (toolkit.engine.engine.resolve_dtype; serve/__main__.py and serve/router.py).
@@ -55,6 +55,36 @@ def validate_model(m) -> None:
         _need(os.path.isfile(m.path), f"model.path={m.path!r}: no such file")
 
 
+def state_architecture(model) -> str | None:
+    """The architecture of a model with recurrent state (Mamba2 layers), else None. ``model``:
+    loaded ``ModelArgs``, or a ``ModelConfig`` (then only an hf directory's config.json, or
+    model.random's architecture, is read: no weights)."""
+    if hasattr(model, "has_state"):
+        return model.architecture if model.has_state else None
+    arch = None
+    if model.source == "hf" and model.path and os.path.isfile(os.path.join(model.path, "config.json")):
+        import json
+
+        try:
+            with open(os.path.join(model.path, "config.json")) as f:
+                arch = json.load(f).get("model_type")
+        except (OSError, ValueError):
+            return None  # the loader reports a bad config.json
+    elif model.source == "random":
+        arch = (model.random or {}).get("architecture")
+    return arch if arch in STATE_ARCHITECTURES else None
+
+
+def validate_model_cache(model, c) -> None:
+    """A prefix cache needs KV that a cached prefix fully describes: a model with recurrent
+    state would need its state snapshotted at page boundaries, which the engine does not do."""
+    arch = state_architecture(model)
+    _need(arch is None or c.policy == "none",
+          f"cache.policy={c.policy} cannot serve a {arch} model (model.architecture={arch}): its Mamba2 "
+          "layers keep recurrent state, which is not snapshotted at page boundaries, so a cached prefix "
+          "has no state to start from; use cache=none (cache.policy=none) with this model")
+
+
 def validate_engine(e) -> None:
     ps = e.page_size
     _need(isinstance(ps, int) and ps >= 1 and ps & (ps - 1) == 0,
@@ -81,6 +111,7 @@ def validate_engine(e) -> None:
     _one_of("engine.kv_alloc", e.kv_alloc, KV_ALLOC)
     _one_of("engine.layer_loop", e.layer_loop, LAYER_LOOPS)
     _one_of("engine.shape_buckets", e.shape_buckets, SHAPE_BUCKETS)
+    _need(e.state_slots >= 0, f"engine.state_slots={e.state_slots} must be >= 0 (0 = what the role needs)")
 
 
 def validate(cfg) -> None:
@@ -89,6 +120,8 @@ def validate(cfg) -> None:
     validate_engine(cfg.engine)
     _one_of("role.name", cfg.role.name, ROLES)
     validate_cache(cfg.cache)
+    if cfg.role.name != "router":
+        validate_model_cache(cfg.model, cfg.cache)
     _need(not cfg.cache.decode_offload or cfg.role.name in ("unified", "decode"),
           f"cache.decode_offload=true runs where requests decode (role.name=decode or unified), "
           f"not on role.name={cfg.role.name}")

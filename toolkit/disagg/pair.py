@@ -59,9 +59,11 @@ class PDPair:
         import jax.numpy as jnp
 
         dtype = dtype or jnp.float32
+        rooms = tcfg.max_rooms  # (each room may hold a state slot on both sides: hybrid models)
         self.prefill = make_worker("prefill", Engine(ckpt, ecfg, dtype, keep_pages_on_finish=True, prefill_only=True,
-                                                     cache=prefill_cache), tcfg)
-        self.decode = make_worker("decode", Engine(ckpt, decode_ecfg or ecfg, dtype, cache=decode_cache), tcfg)
+                                                     cache=prefill_cache, transfer_rooms=rooms), tcfg)
+        self.decode = make_worker("decode", Engine(ckpt, decode_ecfg or ecfg, dtype, cache=decode_cache,
+                                                   transfer_rooms=rooms), tcfg)
         self._rooms = itertools.count(random.randrange(1 << 40))
 
     def step(self) -> None:

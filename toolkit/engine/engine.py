@@ -15,6 +15,7 @@ from toolkit.cache.allocator import pages_for
 from toolkit.cache.manager import CacheManager
 from toolkit.cache.radix import hash_seed
 from toolkit.cache.pool import PAGE_MAJOR, KVPool, PoolLayout
+from toolkit.cache.state_pool import StateLayout, required_slots
 from toolkit.cache.tiers import KVTiers, PoolMover, slots_for
 from toolkit.config import validate as V
 from toolkit.config.schema import CacheConfig, EngineConfig, ModelConfig
@@ -34,9 +35,10 @@ def resolve_dtype(name: str):
     return jnp.dtype(name)
 
 
-def pool_pages(ecfg: EngineConfig, page_bytes_all_layers: int) -> int:
-    """engine.num_pages, or the pages that fit in memory_fraction of free device memory."""
-    if ecfg.memory_fraction == 0:
+def pool_pages(ecfg: EngineConfig, page_bytes_all_layers: int, fixed_bytes: int = 0) -> int:
+    """engine.num_pages, or the pages that fit in memory_fraction of free device memory
+    after ``fixed_bytes`` (the state pool of a hybrid model), which must fit."""
+    if ecfg.memory_fraction == 0 or page_bytes_all_layers == 0:  # (no attention layer: pages hold nothing)
         return ecfg.num_pages
     from toolkit.cache.pool import resolve_alloc
 
@@ -57,7 +59,25 @@ def pool_pages(ecfg: EngineConfig, page_bytes_all_layers: int) -> int:
         if free <= 0:
             raise V.ConfigError("no device memory left for a cudaMalloc'd KV pool beside XLA's "
                                 "arena; set XLA_PYTHON_CLIENT_MEM_FRACTION lower or engine.kv_alloc=xla")
-    return max(2, int(free * ecfg.memory_fraction) // page_bytes_all_layers)
+    budget = int(free * ecfg.memory_fraction)
+    if fixed_bytes >= budget:
+        raise V.ConfigError(f"the recurrent-state pool needs {fixed_bytes / 2**30:.2f} GiB, more than "
+                            f"engine.memory_fraction={ecfg.memory_fraction} of free device memory "
+                            f"({budget / 2**30:.2f} GiB): raise engine.memory_fraction or lower "
+                            "engine.max_batch_size / transfer.max_rooms")
+    return max(2, (budget - fixed_bytes) // page_bytes_all_layers)
+
+
+def state_slots(ecfg: EngineConfig, transfer_rooms: int) -> int:
+    """The state pool's slots (padding slot included): what the role can hold at once; a
+    configured engine.state_slots below that is raised, with a warning naming both (never
+    capped: a pool smaller than the requirement fails admissions under full load)."""
+    need = required_slots(ecfg.max_batch_size, transfer_rooms)
+    if ecfg.state_slots and ecfg.state_slots < need:
+        log.warning("engine.state_slots=%d is below what this worker can hold at once (%d: "
+                    "engine.max_batch_size=%d running + %d transfer rooms + the padding slot); "
+                    "raised to %d", ecfg.state_slots, need, ecfg.max_batch_size, transfer_rooms, need)
+    return max(ecfg.state_slots, need)
 
 
 def make_tiers(c: CacheConfig, page_layout: PoolLayout, seed: bytes) -> Optional[KVTiers]:
@@ -141,16 +161,19 @@ class Engine:
 
     def __init__(self, ckpt: Checkpoint, ecfg: EngineConfig, dtype=jnp.float32,
                  keep_pages_on_finish: bool = False, cache: CacheConfig | None = None,
-                 prefill_only: bool = False):
+                 prefill_only: bool = False, transfer_rooms: int = 0):
         """keep_pages_on_finish: finished requests keep their pages until ``release_pages``
         (the prefill role frees them once the KV transfer that reads them is done).
         cache: the prefix-cache policy (``cache.policy``: ``none`` or ``radix``).
         prefill_only: every request samples one token (the prefill role), so no decode step
-        ever runs and the bucket set has no decode shapes to compile."""
+        ever runs and the bucket set has no decode shapes to compile.
+        transfer_rooms: a P/D worker's rooms (``transfer.max_rooms``), each of which may hold
+        a state slot beside the running batch (models with recurrent state)."""
         V.validate_engine(ecfg)
         compile_cache.enable(ecfg.compile_cache_dir)  # before the first compilation
         self.cache_cfg = cache or CacheConfig()
         V.validate_cache(self.cache_cfg)
+        V.validate_model_cache(ckpt.args, self.cache_cfg)
         self.keep_pages_on_finish = keep_pages_on_finish
         self.cfg = ecfg
         self.args = ckpt.args
@@ -158,15 +181,19 @@ class Engine:
         self.max_model_len = ecfg.max_model_len or ckpt.args.max_position_embeddings
         # K and V of one page across all layers: what each page of the pool costs
         page_bytes = PoolLayout.for_model(self.args, 1, ecfg.page_size, dtype).total_bytes
-        num_pages = pool_pages(ecfg, page_bytes)
-        # the one owner of pages: allocator, prefix cache, deferred releases
+        # a model with recurrent state: one state slot per request that may hold one at once
+        num_slots = state_slots(ecfg, transfer_rooms) if self.args.has_state else 0
+        slot_bytes = StateLayout.for_model(self.args, 1, dtype).total_slot_bytes if num_slots else 0
+        num_pages = pool_pages(ecfg, page_bytes, fixed_bytes=num_slots * slot_bytes)
+        # the one owner of pages (and state slots): allocator, prefix cache, deferred releases
         seed = hash_seed(dataclasses.asdict(self.args), jnp.dtype(dtype).name, ecfg.page_size, PAGE_MAJOR)
-        self.kv = CacheManager(num_pages, ecfg.page_size, self.cache_cfg.policy, seed=seed)
+        self.kv = CacheManager(num_pages, ecfg.page_size, self.cache_cfg.policy, seed=seed,
+                               num_state_slots=num_slots)
         # host / storage tiers (before the pool: a storage directory in use fails here)
         tiers = make_tiers(self.cache_cfg, PoolLayout.for_model(self.args, 1, ecfg.page_size, dtype), seed)
         self.scheduler = Scheduler(ecfg, self.kv, self.max_model_len)
         self.runner = ModelRunner(ckpt.args, ckpt.weights, ecfg, dtype, num_pages, self.max_model_len,
-                                  decode_family=not prefill_only)
+                                  decode_family=not prefill_only, num_state_slots=num_slots)
         if tiers is not None:
             tiers.mover = PoolMover(self.runner.pool)
             tiers.mover.warm(min(tiers.host.slots.num_slots, 256))
@@ -184,20 +211,21 @@ class Engine:
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, ecfg: EngineConfig, progress: bool = True,
                     keep_pages_on_finish: bool = False, cache: CacheConfig | None = None,
-                    prefill_only: bool = False) -> "Engine":
+                    prefill_only: bool = False, transfer_rooms: int = 0) -> "Engine":
         """Validate everything first, then load weights, then allocate the pool."""
         from toolkit.models.loader import load_checkpoint
 
         V.validate_model(model_cfg)
         V.validate_engine(ecfg)
         V.validate_cache(cache or CacheConfig())
+        V.validate_model_cache(model_cfg, cache or CacheConfig())  # (reads config.json only)
         dtype = resolve_dtype(model_cfg.dtype)
         # device-made random weights come in the model's dtype; the rest in float32 on the
         # host, cast once they are placed
         ckpt = load_checkpoint(model_cfg, dtype=dtype if model_cfg.random_on_device else np.float32,
                                progress=progress)
         return cls(ckpt, ecfg, dtype, keep_pages_on_finish=keep_pages_on_finish, cache=cache,
-                   prefill_only=prefill_only)
+                   prefill_only=prefill_only, transfer_rooms=transfer_rooms)
 
     # ---- requests -------------------------------------------------------------
 
@@ -245,18 +273,27 @@ class Engine:
         """Give back a finished request's pages (keep_pages_on_finish: the prefill role, once
         its transfers have ended). With ``keep`` its computed KV enters the prefix cache;
         the rest is freed and its cache lock dropped."""
-        self.kv.release(seq.token_ids[:seq.num_computed], seq.pages, seq.cache_node, keep=keep)
-        seq.pages, seq.cache_node = [], None
+        self.kv.release(seq.token_ids[:seq.num_computed], seq.pages, seq.cache_node, keep=keep,
+                        slot=seq.state_slot)
+        seq.pages, seq.cache_node, seq.state_slot = [], None, 0
 
     # Pages for a request whose KV another worker writes (P/D decode side), recorded under
     # an owner (the room). Predicate and mutator: reserve only what ``can_reserve`` allows.
     def can_reserve(self, num_pages: int) -> bool:
-        return self.kv.can_allocate(num_pages)
+        """``num_pages`` pages, and a state slot for a model with recurrent state, are free."""
+        return self.kv.can_allocate(num_pages) and self.kv.can_allocate_slot()
 
     def reserve_pages(self, owner, num_pages: int) -> list[int]:
-        """Pages a transfer will write; they pass to the request in ``add_prefilled``
-        (``reservation=owner``) or come back with ``release_reserved``."""
-        return self.kv.reserve(owner, num_pages)
+        """Pages a transfer will write, and for a model with recurrent state the state slot
+        it writes too (``reserved_state_slots``); they pass to the request in
+        ``add_prefilled`` (``reservation=owner``) or come back with ``release_reserved``."""
+        return self.kv.reserve(owner, num_pages, state=self.kv.has_state)
+
+    def reserved_state_slots(self, owner) -> list[int]:
+        """The state slots reserved with ``owner``'s pages: ``[slot]`` for a model with state,
+        ``[]`` for one without (what the room's metadata sends: empty means no state)."""
+        slot = self.kv.reserved_slot(owner)
+        return [slot] if slot else []
 
     def release_reserved(self, owner, hold_s: float = 0.0) -> None:
         """The transfer into ``owner``'s pages will not be used. ``hold_s`` > 0 when the peer
@@ -306,7 +343,7 @@ class Engine:
         """Raise AssertionError unless every usable page is in exactly one place: free, in
         the prefix cache, a request's, reserved for a transfer, held after a failed one, or
         waiting for the step in flight."""
-        self.kv.check([s.pages for s in self.seqs.values()])
+        self.kv.check([s.pages for s in self.seqs.values()], [s.state_slot for s in self.seqs.values()])
 
     # The decode role's prefix cache: match a prompt before reserving pages for the rest.
     def match_prefix(self, prompt_ids: list[int]) -> tuple[object, list[int]]:
@@ -325,9 +362,11 @@ class Engine:
         ``match_prefix``, whose lock ``prefix_node`` passes to the request, then the pages
         ``reservation`` holds, written by a prefill worker) together with its first token;
         it then decodes like any other. The request owns the pages from now on."""
-        claimed = self.kv.claim(reservation) if reservation is not None else []
+        claimed, slot = self.kv.claim(reservation) if reservation is not None else ([], 0)
         assert pages[len(pages) - len(claimed):] == claimed, "pages do not end with the reservation"
+        assert bool(slot) == self.kv.has_state, "a model with state needs the room's state slot"
         seq.pages, seq.num_computed, seq.cache_node = list(pages), seq.num_tokens, prefix_node
+        seq.state_slot = slot
         self.scheduler.num_cached_tokens += seq.num_cached  # (the decode role sets it at match)
         self.seqs[seq.request_id] = seq
         self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)

@@ -19,3 +19,4 @@ class StepInputs:
     cu_q_lens: jax.Array  # [B+1] int32
     kv_lens: jax.Array  # [B] int32, KV length including this step's tokens
     logits_indices: jax.Array  # [B] int32, the token row whose logits each sequence needs
+    state_slots: jax.Array  # [B] int32, each sequence's recurrent-state slot (0: none / padding)

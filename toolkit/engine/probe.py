@@ -41,7 +41,7 @@ class DecodeCall:
     @property
     def num_rows(self) -> int:
         """Rows of the step's batch (the padded batch bucket)."""
-        return int(self.args[3].kv_lens.shape[0])
+        return int(self.args[4].kv_lens.shape[0])
 
 
 class StepProbe:
@@ -91,7 +91,7 @@ class StepProbe:
     def replay(self, call: DecodeCall) -> "Replay":
         """Re-issue ``call`` on the engine's live pool; nothing else of the engine runs.
         The engine must be idle (synced) until ``Replay.close``."""
-        return Replay(call, self._engine.pool)
+        return Replay(call, self._engine.pool, self._runner.state_pool)
 
 
 class Replay:
@@ -104,16 +104,17 @@ class Replay:
                     call N's samples), then read call N's tokens
     """
 
-    def __init__(self, call: DecodeCall, pool):
-        self._fn, self._pool = call.exe, pool
-        self._state, _, _, self._inp, self._samp, self._feed, self._prev_tok = call.args
-        self.k, self.v = pool.k, pool.v
+    def __init__(self, call: DecodeCall, pool, state_pool=None):
+        self._fn, self._pool, self._state_pool = call.exe, pool, state_pool
+        self._state, _, _, self.mstate, self._inp, self._samp, self._feed, self._prev_tok = call.args
+        self.k, self.v = pool.k, pool.v  # (mstate: the engine's state pool, threaded like the KV pool)
         self.dispatch_s: list[float] = []  # host time until each ``step`` call returned
         self._feed_all = np.arange(self._inp.tokens.shape[0], dtype=np.int32)
         self._prev: Optional[tuple] = None
 
     def _call(self, feed, prev_tok) -> tuple:
-        tok, lp, self.k, self.v = self._fn(self._state, self.k, self.v, self._inp, self._samp, feed, prev_tok)
+        tok, lp, self.k, self.v, self.mstate = self._fn(self._state, self.k, self.v, self.mstate, self._inp,
+                                                        self._samp, feed, prev_tok)
         return tok, lp
 
     def step(self):
@@ -136,6 +137,8 @@ class Replay:
 
     def close(self) -> None:
         """Wait for the last call and hand the (donated, re-threaded) pool back to the engine."""
-        jax.block_until_ready((self.k, self.v))
+        jax.block_until_ready((self.k, self.v, self.mstate))
         self._prev = None
         self._pool.k, self._pool.v = self.k, self.v
+        if self._state_pool is not None:
+            self._state_pool.conv, self._state_pool.ssm = self.mstate

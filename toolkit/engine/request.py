@@ -99,6 +99,7 @@ class Sequence:
     cache_node: Optional[Any] = None  # the prefix-cache node this request holds locked (CacheManager)
     num_cached: int = 0  # prompt tokens found in the prefix cache at its first admission
     num_committed_pages: int = 0  # whole pages decode_offload committed to the prefix cache so far
+    state_slot: int = 0  # its slot in the recurrent-state pool (hybrid models; 0: none)
 
     def __post_init__(self):
         # The one place a seed is resolved: a request without one draws it once, so a

@@ -1,5 +1,5 @@
-"""Model runner: owns the parameters and the KV pool, pads a scheduled batch to
-bucketed shapes and runs the jitted step with the pool donated."""
+"""Model runner: owns the parameters, the KV pool and (hybrid models) the state pool, pads
+a scheduled batch to bucketed shapes and runs the jitted step with the pools donated."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tqdm import tqdm
 from kernels.attention import get_backend
 from toolkit.cache.allocator import pages_for
 from toolkit.cache.pool import KVPool, PoolLayout
+from toolkit.cache.state_pool import StateLayout, StatePool
 from toolkit.config.schema import EngineConfig
 from toolkit.engine import compile_cache
 from toolkit.engine.buckets import BucketSet, StepShape
@@ -28,7 +29,8 @@ from toolkit.engine.request import Sequence
 from toolkit.engine.sampler import SamplingInputs, sample
 from toolkit.engine.batch import ScheduledBatch
 from toolkit.engine.inputs import StepInputs
-from toolkit.models.llama import Llama, forward, unroll_layers
+from toolkit.models import llama
+from toolkit.models.llama import Llama, unroll_layers
 from toolkit.models.spec import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -46,38 +48,60 @@ class Launched:
     rows: dict[int, int]  # id(seq) -> row of its sample, for the sequences that sample
 
 
-def _step(leaves, k_pool, v_pool, inp, samp, feed_rows, prev_tokens, *, graphdef, treedef, attn,
-          max_q_len, do_sample):
+def _step(leaves, k_pool, v_pool, mstate, inp, samp, feed_rows, prev_tokens, *, graphdef, treedef, attn,
+          max_q_len, do_sample, hybrid_model):
     """feed_rows [T] int32: for a token still on the device, its row in prev_tokens [P]
     (the previous step's samples), else -1. Returns tokens padded to [P] (the next
-    step's prev_tokens: one shape for every step, so no extra compilations)."""
+    step's prev_tokens: one shape for every step, so no extra compilations).
+    mstate: the state pool's buffers (conv, ssm) of a hybrid model, () for a Llama."""
     state = jax.tree.unflatten(treedef, leaves)
     tokens = jnp.where(feed_rows >= 0, prev_tokens[jnp.maximum(feed_rows, 0)], inp.tokens)
-    logits, k_pool, v_pool = forward(graphdef, state, k_pool, v_pool,
-                                     dataclasses.replace(inp, tokens=tokens), attn=attn, max_q_len=max_q_len)
+    inp = dataclasses.replace(inp, tokens=tokens)
+    if hybrid_model:
+        from toolkit.models import hybrid
+
+        logits, k_pool, v_pool, mstate = hybrid.forward(graphdef, state, k_pool, v_pool, mstate, inp,
+                                                        attn=attn, max_q_len=max_q_len)
+    else:
+        logits, k_pool, v_pool = llama.forward(graphdef, state, k_pool, v_pool, inp, attn=attn,
+                                               max_q_len=max_q_len)
     tok, lp = sample(logits, samp, do_sample=do_sample)
-    return jnp.zeros_like(prev_tokens).at[:tok.shape[0]].set(tok), lp, k_pool, v_pool
+    return jnp.zeros_like(prev_tokens).at[:tok.shape[0]].set(tok), lp, k_pool, v_pool, mstate
 
 
 class ModelRunner:
     def __init__(self, args: ModelArgs, weights: dict[str, np.ndarray], ecfg: EngineConfig,
-                 dtype, num_pages: int, max_model_len: int, decode_family: bool = True):
-        """decode_family: False for a prefill-only engine (no decode shapes in its set)."""
+                 dtype, num_pages: int, max_model_len: int, decode_family: bool = True,
+                 num_state_slots: int = 0):
+        """decode_family: False for a prefill-only engine (no decode shapes in its set).
+        num_state_slots: the state pool's slots (padding slot included) of a model with
+        recurrent state."""
         self.args = args
         self.page_size = ecfg.page_size
         unroll = unroll_layers(ecfg.layer_loop, jax.devices()[0].platform)
-        self.graphdef, self.state = nnx.split(Llama(args, weights, dtype, unroll_layers=unroll))
+        # hybrids always loop over their (two kinds of) layers: toolkit/models/hybrid.py
+        if args.is_hybrid:
+            from toolkit.models.hybrid import Hybrid
+
+            model = Hybrid(args, weights, dtype)
+        else:
+            model = Llama(args, weights, dtype, unroll_layers=unroll)
+        unroll = unroll or args.is_hybrid
+        self.graphdef, self.state = nnx.split(model)
         # The weights as a flat list, flattened once: the nnx.State pytree flattens in
         # Python on every call (~300 leaves with unrolled layers), a list in C++.
         self._leaves, treedef = jax.tree.flatten(self.state)
         self.pool = KVPool(PoolLayout.for_model(args, num_pages, ecfg.page_size, dtype), alloc=ecfg.kv_alloc)
-        self._pool_ptrs = self.pool.buffer_pointers()
+        self.state_pool = (StatePool(StateLayout.for_model(args, num_state_slots, dtype), alloc=ecfg.kv_alloc)
+                           if args.has_state else None)
+        self._pool_ptrs = self._pointers()
         attn = get_backend(ecfg.attention_backend)
         self.buckets = BucketSet.from_config(ecfg, pages_for(max_model_len, ecfg.page_size),
                                              kernels=attn.name == "pallas", decode_family=decode_family)
         self._fn = jax.jit(
-            functools.partial(_step, graphdef=self.graphdef, treedef=treedef, attn=attn),
-            static_argnames=("max_q_len", "do_sample"), donate_argnames=("k_pool", "v_pool"))
+            functools.partial(_step, graphdef=self.graphdef, treedef=treedef, attn=attn,
+                              hybrid_model=args.is_hybrid),
+            static_argnames=("max_q_len", "do_sample"), donate_argnames=("k_pool", "v_pool", "mstate"))
         # The step's executables by shape, compiled ahead of time from the traced step (or
         # loaded from the store): by warm-up, or by ``_run`` for a shape met first there.
         # Calling a Compiled checks its arguments' shapes and dtypes: a batch that does not
@@ -101,7 +125,22 @@ class ModelRunner:
             compile_cache.program_fingerprint(
                 model=dataclasses.asdict(args), dtype=jnp.dtype(dtype).name, attention=attn.name, unroll=unroll,
                 pool=[self.pool.k.shape, str(self.pool.k.dtype)], prev_tokens=self._no_prev.shape,
+                state=[(x.shape, str(x.dtype)) for x in self.mstate],
                 weights=[(x.shape, str(x.dtype)) for x in self._leaves]))
+
+    @property
+    def mstate(self) -> tuple:
+        """The state pool's buffers as the step takes them ((conv, ssm), or () without state)."""
+        return self.state_pool.buffers if self.state_pool is not None else ()
+
+    def _set_mstate(self, mstate: tuple) -> None:
+        if self.state_pool is not None:
+            self.state_pool.conv, self.state_pool.ssm = mstate
+
+    def _pointers(self) -> tuple[int, ...]:
+        """Every pool buffer's device address (KV, then state)."""
+        state = self.state_pool.buffer_pointers() if self.state_pool is not None else ()
+        return self.pool.buffer_pointers() + state
 
     @property
     def max_compilations(self) -> int:
@@ -120,7 +159,7 @@ class ModelRunner:
         tok, lp = self._run(shape, inp, samp, feed_rows, self._no_prev if prev is None else prev.tokens_dev)
         # Transfer backends registered these addresses once; a step that moved the pool
         # would make them write into freed memory.
-        assert self.pool.buffer_pointers() == self._pool_ptrs, "KV pool moved: donation failed"
+        assert self._pointers() == self._pool_ptrs, "KV or state pool moved: donation failed"
         samples = [s.num_computed + k == s.num_tokens + s.num_inflight
                    for s, k in zip(batch.seqs, batch.num_tokens)]
         rows = {id(s): i for i, (s, smp) in enumerate(zip(batch.seqs, samples)) if smp}
@@ -149,7 +188,9 @@ class ModelRunner:
                 self.executables_loaded += 1
             self._exe[shape] = exe
             self.compile_seconds += time.perf_counter() - t0
-        tok, lp, self.pool.k, self.pool.v = self._dispatch(shape, exe, self._leaves, self.pool.k, self.pool.v, *args)
+        tok, lp, self.pool.k, self.pool.v, mstate = self._dispatch(shape, exe, self._leaves, self.pool.k,
+                                                                   self.pool.v, self.mstate, *args)
+        self._set_mstate(mstate)
         return tok, lp
 
     def _dispatch(self, shape: StepShape, exe: jax.stages.Compiled, *args):
@@ -160,7 +201,7 @@ class ModelRunner:
     def _lower(self, shape: StepShape, args: tuple) -> jax.stages.Lowered:
         """Trace and lower the step for ``shape`` with these (inputs, sampling, feed_rows,
         prev_tokens): their shapes and dtypes are the executable's."""
-        return self._fn.lower(self._leaves, self.pool.k, self.pool.v, *args,
+        return self._fn.lower(self._leaves, self.pool.k, self.pool.v, self.mstate, *args,
                               max_q_len=shape.max_q_len, do_sample=shape.sample)
 
     def _padding(self, shape: StepShape):
@@ -168,7 +209,8 @@ class ModelRunner:
         every KV write lands in the padding page 0 and nothing is read back."""
         T, B, W = shape.T, shape.B, shape.W
         inp = StepInputs(*(np.zeros(T, np.int32) for _ in range(3)), np.zeros((B, W), np.int32),
-                         np.zeros(B + 1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32))
+                         np.zeros(B + 1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32),
+                         np.zeros(B, np.int32))
         return inp, self._sampling([], B), np.full(T, -1, np.int32), self._no_prev
 
     def warmup(self, progress: bool = True, on_progress: Callable[[int, int], None] | None = None) -> int:
@@ -215,7 +257,7 @@ class ModelRunner:
         bar.close()
         for shape in todo:  # run each once: a broken executable fails here, not on a request
             self._run(shape, *self._padding(shape))
-            jax.block_until_ready((self.pool.k, self.pool.v))
+            jax.block_until_ready((self.pool.k, self.pool.v, self.mstate))
         self.compile_seconds += time.perf_counter() - t0
         self.warmed_up = True
         return len(todo)
@@ -239,7 +281,7 @@ class ModelRunner:
         tokens, positions, slots = (np.zeros(T, np.int32) for _ in range(3))
         page_table = np.zeros((B, maxP), np.int32)
         cu = np.zeros(B + 1, np.int32)
-        kv_lens, logits_idx = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        kv_lens, logits_idx, state_slots = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32)
         feed_rows = np.full(T, -1, np.int32)  # [T] row of prev's samples holding the token
         off = 0
         for i, (seq, k) in enumerate(zip(batch.seqs, batch.num_tokens)):
@@ -258,11 +300,11 @@ class ModelRunner:
                 positions[off:off + k] = pos
                 slots[off:off + k] = page_table[i, pos // S] * S + pos % S
             off += k
-            cu[i + 1], kv_lens[i], logits_idx[i] = off, start + k, off - 1
+            cu[i + 1], kv_lens[i], logits_idx[i], state_slots[i] = off, start + k, off - 1, seq.state_slot
         cu[n + 1:] = off  # padding sequences: zero queries
         # numpy, not device arrays: the jitted call moves them in one go (separate
         # jnp.asarray calls cost ~0.2 ms each on a GPU, measured ~3 ms a step)
-        inp = StepInputs(tokens, positions, slots, page_table, cu, kv_lens, logits_idx)
+        inp = StepInputs(tokens, positions, slots, page_table, cu, kv_lens, logits_idx, state_slots)
         return shape, inp, self._sampling(batch.seqs, B), feed_rows
 
     @staticmethod

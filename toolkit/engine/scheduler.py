@@ -76,11 +76,14 @@ class Scheduler:
                 break
             node, cached = self.cache.match(s.token_ids[:s.num_tokens - 1])
             need = pages_for(s.num_tokens, self.cfg.page_size) - len(cached)
-            if not self.cache.can_allocate(need):  # (checked with the match locked: not evictable)
+            # (pages checked with the match locked: not evictable; a model with recurrent
+            # state needs a free state slot too, else the request waits)
+            if not (self.cache.can_allocate(need) and self.cache.can_allocate_slot()):
                 self.cache.unlock_now(node)
                 break
             self.waiting.popleft()
             s.pages, s.cache_node, s.status = cached + self.cache.allocate(need), node, Status.RUNNING
+            s.state_slot = self.cache.allocate_slot()
             s.num_computed = len(cached) * self.cfg.page_size
             if s.num_preemptions == 0:
                 s.num_cached = s.num_computed
@@ -120,8 +123,9 @@ class Scheduler:
         """Drop a sequence from the scheduler and give its pages back; with ``keep`` its
         computed KV enters the prefix cache first (not for an aborted request)."""
         self.detach(seq)
-        self.cache.release(seq.token_ids[:seq.num_computed], seq.pages, seq.cache_node, keep=keep)
-        seq.pages, seq.cache_node = [], None
+        self.cache.release(seq.token_ids[:seq.num_computed], seq.pages, seq.cache_node, keep=keep,
+                           slot=seq.state_slot)
+        seq.pages, seq.cache_node, seq.state_slot = [], None, 0
 
     def commit_prompts(self, batch: ScheduledBatch) -> None:
         """After a prefill step is launched: a sequence whose prompt it completes puts the

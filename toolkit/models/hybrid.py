@@ -1,0 +1,141 @@
+"""Hybrid decoders: attention layers and Mamba2 mixers in one stack (Bamba; Mamba2 with
+mixers only), run as a pure function over split state like ``llama.forward``.
+
+A layer is ``x + mixer(norm(x))`` then, when the model has one, ``x + mlp(norm(x))``; the
+mixer is grouped-query attention over the paged KV pool (RoPE on the first
+``partial_rotary_factor`` of each head: Bamba rotates half) or a Mamba2 mixer
+(``toolkit/models/mamba2.py``) over the request's state slot.
+
+Layers are of two kinds, so they are not scanned: each kind is one jitted function called
+once per layer (traced and lowered once per kind, XLA inlines the calls). The KV pool holds
+the attention layers only (``li`` counts them); the state pool the Mamba2 layers (``mi``).
+A sequence whose first token this step is at position 0 starts from zero state whatever
+its slot holds (no clearing pass: a reused slot never leaks old state).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kernels.attention import AttentionBackend
+from toolkit.engine.inputs import StepInputs
+from toolkit.models.llama import rms_norm
+from toolkit.models.mamba2 import MambaArgs, mixer
+from toolkit.models.rope import apply_rope, inv_frequencies
+from toolkit.models.spec import (ATTENTION, ATTENTION_KEYS, HYBRID_ALL_KEYS, MAMBA, MAMBA_KEYS,
+                                 OPTIONAL_LAYER_KEYS, OPTIONAL_MAMBA_KEYS, ModelArgs, stack_index)
+
+
+class HybridLayers(nnx.Module):
+    """One array per layer and key (attributes ``<key>_<layer>``, ``layer`` counting all
+    layers), read from the per-type stacked arrays of the checkpoint."""
+
+    def __init__(self, args: ModelArgs, weights: dict[str, np.ndarray], dtype):
+        self.num_layers = args.num_layers
+        keys = HYBRID_ALL_KEYS + ATTENTION_KEYS + OPTIONAL_LAYER_KEYS + MAMBA_KEYS + OPTIONAL_MAMBA_KEYS
+        for k in keys:
+            if k not in weights:
+                continue
+            for i in range(args.num_layers):
+                at = stack_index(args, k, i)
+                if at is not None:
+                    # the state-space parameters stay float32 (they are exponentiated)
+                    dt = jnp.float32 if k in ("m_A_log", "m_D", "m_dt_bias") else dtype
+                    setattr(self, f"{k}_{i}", nnx.Param(jnp.asarray(weights[k][at[0]], dt)))
+
+    def layer(self, i: int) -> dict[str, jax.Array]:
+        """Layer ``i``'s weights, the mixer's without their ``m_`` prefix."""
+        out = {}
+        for name in vars(self):
+            key, _, idx = name.rpartition("_")
+            if key and idx == str(i):
+                out[key.removeprefix("m_")] = getattr(self, name)[...]
+        return out
+
+
+class Hybrid(nnx.Module):
+    def __init__(self, args: ModelArgs, weights: dict[str, np.ndarray], dtype=jnp.float32):
+        self.args = args
+        self.mamba_args = MambaArgs.from_dict(args.mamba)  # hashable: a static argument
+        self.embed = nnx.Param(jnp.asarray(weights["embed"], dtype))  # [V, D]
+        self.layers = HybridLayers(args, weights, dtype)
+        self.final_norm = nnx.Param(jnp.asarray(weights["final_norm"], dtype))
+        self.lm_head = None if args.tie_word_embeddings else nnx.Param(jnp.asarray(weights["lm_head"], dtype))
+
+
+def forward(graphdef, state, k_pool, v_pool, mstate, inp: StepInputs, *, attn: AttentionBackend,
+            max_q_len: int):
+    """Run one step. Returns (logits [B, V] float32, k_pool, v_pool, mstate).
+
+    k_pool, v_pool: [P, La, S, KV, Dh] (the attention layers); mstate = (conv [R, Lm, C, K-1],
+    ssm [R, Lm, H, P, N] float32), the state pool; all donated by callers.
+    inp.state_slots [B]: each sequence's slot (padding sequences: slot 0).
+    max_q_len == 1 selects the decode kernel and the one-step recurrence (T == B).
+    """
+    model: Hybrid = nnx.merge(graphdef, state)
+    a, m = model.args, model.mamba_args
+    H, KV, Dh = a.num_heads, a.num_kv_heads, a.head_dim
+    rot = int(Dh * a.partial_rotary_factor)  # RoPE on the first `rot` dims of each head
+    scale = 1.0 / float(np.sqrt(Dh))
+    inv_freq = inv_frequencies(rot, a.rope_theta, a.rope_scaling) if a.num_attn_layers else None
+    decode = max_q_len == 1
+    x = model.embed[...][inp.tokens]  # [T, D]
+    T = x.shape[0]
+    q_lens = inp.cu_q_lens[1:] - inp.cu_q_lens[:-1]  # [B]
+    fresh = (inp.kv_lens - q_lens) == 0  # [B] first token at position 0: start from zero state
+    slots = inp.state_slots
+
+    def rope(t):  # [T, N, Dh]
+        if rot == Dh:
+            return apply_rope(t, inp.positions, inv_freq)
+        return jnp.concatenate([apply_rope(t[..., :rot], inp.positions, inv_freq), t[..., rot:]], axis=-1)
+
+    def mlp(x, lp):
+        if not a.has_mlp:
+            return x
+        h = rms_norm(x, lp["mlp_norm"], a.rms_norm_eps)
+        return x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+
+    def attention_layer(x, k_pool, v_pool, li, lp):
+        h = rms_norm(x, lp["attn_norm"], a.rms_norm_eps)
+        q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+        if "bq" in lp:
+            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+        q, k = rope(q.reshape(T, H, Dh)), rope(k.reshape(T, KV, Dh))
+        k_pool, v_pool = attn.write_kv(k_pool, v_pool, li, k, v.reshape(T, KV, Dh), inp.slot_mapping)
+        if decode:
+            o = attn.decode(q, k_pool, v_pool, li, inp.page_table, inp.kv_lens, scale=scale)
+        else:
+            o = attn.prefill(q, k_pool, v_pool, li, inp.page_table, inp.cu_q_lens, inp.kv_lens,
+                             max_q_len=max_q_len, scale=scale)
+        return mlp(x + o.reshape(T, H * Dh) @ lp["wo"], lp), k_pool, v_pool
+
+    def mamba_layer(x, conv, ssm, mi, lp):
+        h = rms_norm(x, lp["attn_norm"], a.rms_norm_eps)
+        conv0 = jnp.where(fresh[:, None, None], 0, conv[slots, mi])  # [B, C, K-1]
+        ssm0 = jnp.where(fresh[:, None, None, None], 0, ssm[slots, mi])  # [B, H, P, N]
+        y, conv1, ssm1 = mixer(lp, h, conv0, ssm0, inp.cu_q_lens, args=m, decode=decode)
+        # padding sequences (slot 0) write the padding slot; real slots are distinct
+        conv = conv.at[slots, mi].set(conv1.astype(conv.dtype))
+        ssm = ssm.at[slots, mi].set(ssm1)
+        return mlp(x + y, lp), conv, ssm
+
+    one_attention, one_mamba = jax.jit(attention_layer), jax.jit(mamba_layer)
+    conv, ssm = mstate
+    li = mi = 0
+    for i, kind in enumerate(a.types):
+        lp = model.layers.layer(i)
+        if kind == ATTENTION:
+            x, k_pool, v_pool = one_attention(x, k_pool, v_pool, jnp.int32(li), lp)
+            li += 1
+        else:
+            assert kind == MAMBA
+            x, conv, ssm = one_mamba(x, conv, ssm, jnp.int32(mi), lp)
+            mi += 1
+    h = rms_norm(x[inp.logits_indices], model.final_norm[...], a.rms_norm_eps)  # [B, D]
+    head = model.embed[...].T if model.lm_head is None else model.lm_head[...]
+    logits = jnp.dot(h, head, preferred_element_type=jnp.float32)  # [B, V]
+    return logits, k_pool, v_pool, (conv, ssm)
