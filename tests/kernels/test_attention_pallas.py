@@ -7,6 +7,7 @@ runs compiled on a GPU (tests marked ``gpu``, skipped on CPU).
 """
 
 import itertools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,37 @@ from toolkit.cache.allocator import pages_for
 ON_GPU = jax.devices()[0].platform == "gpu"
 TOL = {jnp.bfloat16: 1e-2, jnp.float32: 1e-5 if not ON_GPU else 1e-4}
 LENS = [1, 3, 513, 2048]
+
+
+@pytest.fixture(autouse=True)
+def _compile_mgpu_interpreter_once(monkeypatch):
+    """Mosaic GPU's CPU interpreter runs each grid point's threads (3 warpgroups) as one
+    program, but its ``thread_map._run_jaxpr`` (JAX 0.10) lowers and XLA-compiles that
+    program again for every thread of every grid point: ~6 s each, 97% of a grid point's
+    time, the same for an inactive tile. The program is the same for all of them (thread id
+    and grid point are its arguments), so compile it once per program and argument shapes;
+    what runs, and every check the interpreter makes, is unchanged. Where the internal is
+    not found (another JAX), the interpreter's own path runs, only slower."""
+    try:
+        from jax._src.pallas.mosaic.interpret import thread_map
+    except ImportError:
+        return
+    if not callable(getattr(thread_map, "_run_jaxpr", None)):
+        return
+    compiled, lock = {}, threading.Lock()
+
+    def _run(jaxpr, consts, *args):
+        jax.core.eval_jaxpr(jaxpr, consts, *args)
+
+    def run_jaxpr(jaxpr, consts, *args):
+        leaves, tree = jax.tree.flatten((consts, args))
+        key = (id(jaxpr), tree, tuple((np.shape(x), np.asarray(x).dtype.str) for x in leaves))
+        with lock:  # (the first grid point's threads: one compiles, the others wait for it)
+            if key not in compiled:  # (the jaxpr is kept, so its id is not reused)
+                compiled[key] = jaxpr, jax.jit(_run, static_argnums=0).trace(jaxpr, consts, *args).lower().compile()
+        compiled[key][1](consts, *args)
+
+    monkeypatch.setattr(thread_map, "_run_jaxpr", run_jaxpr)
 
 
 def _rel(a, b):
