@@ -73,7 +73,7 @@ def next_prompt(ids, answer, question):
         answer = answer + END
     return ids + answer + tok.encode(f"\\n<|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n")
 
-def run(engine, ids):
+def run(engine, ids, params=params):
     before = engine.stats()
     seq = engine.add_request(ids, params)
     while not seq.is_finished:
@@ -101,7 +101,8 @@ md("""## Warm-up
 `warmup(force=True)` runs every step shape of the bucket set, so no turn below waits for a compilation. The
 tiers' own programs (the jitted page gather, device -> host, and scatter, host -> device) compile on first use:
 `warm_tiers` runs a short prompt twice with a flush between, so the second run loads it back from host (on
-the new engine below, the first run already finds it in storage). Its two pages stay in the tiers."""),
+the new engine below, the first run already finds it in storage); one token each is enough for that. Its two
+pages stay in the tiers."""),
 code("""class Conversation:
     def __init__(self, system):
         self.system, self.ids, self.rows = system, None, []
@@ -123,7 +124,7 @@ WARM = tok.encode("Warm-up: the quick brown fox jumps over the lazy dog, then ru
 def warm_tiers(engine):
     found = []
     for _ in range(2):
-        found.append(run(engine, WARM))
+        found.append(run(engine, WARM, SamplingParams(max_new_tokens=1)))
         engine.flush_cache()
     return " then ".join(f"{r['host']} from host, {r['storage']} from storage" for r in found)
 
