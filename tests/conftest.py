@@ -59,6 +59,7 @@ def make_engine():
         e.wait_for_copies()  # a tier copy in flight pins its pages in the tree
         st = e.stats()
         assert st.pages_used == 0, f"{st.pages_used} pages still in use after the test"
+        assert st.state_slots_free == st.state_slots, "state slots still in use after the test"
         assert not st.running and not st.waiting
         e.check_pages()
         assert st.pages_evictable == st.pages_cached, "a cache lock left after the test"

@@ -132,11 +132,15 @@ class EngineStats:
     offloaded_bytes_storage: int = 0  # host -> file
     loaded_bytes_host: int = 0  # host -> device
     loaded_bytes_storage: int = 0  # file -> host
+    # the recurrent-state pool of a hybrid model (0 without state): usable slots, free ones
+    state_slots: int = 0
+    state_slots_free: int = 0
 
     @property
     def idle(self) -> bool:
-        """Nothing queued or running and every page back."""
-        return not self.waiting and not self.running and self.pages_used == 0
+        """Nothing queued or running and every page (and state slot) back."""
+        return (not self.waiting and not self.running and self.pages_used == 0
+                and self.state_slots_free == self.state_slots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,7 +397,8 @@ class Engine:
                      host_hit_tokens=ts.loaded_pages["host"] * S, storage_hit_tokens=ts.loaded_pages["storage"] * S,
                      offloaded_bytes_host=ts.offloaded_bytes["host"], offloaded_bytes_storage=ts.offloaded_bytes["storage"],
                      loaded_bytes_host=ts.loaded_bytes["host"], loaded_bytes_storage=ts.loaded_bytes["storage"])
-        return EngineStats(**t, waiting=len(s.waiting), running=len(s.running), pages_used=a.num_used,
+        return EngineStats(**t, state_slots=a.num_state_slots, state_slots_free=a.num_free_slots,
+                           waiting=len(s.waiting), running=len(s.running), pages_used=a.num_used,
                            pages_held=a.num_held,
                            pages_free=a.num_free, pages_usable=a.num_usable, pages_cached=a.num_cached,
                            pages_evictable=a.num_evictable, pages_evicted=a.num_evicted,

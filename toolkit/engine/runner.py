@@ -79,14 +79,12 @@ class ModelRunner:
         self.args = args
         self.page_size = ecfg.page_size
         unroll = unroll_layers(ecfg.layer_loop, jax.devices()[0].platform)
-        # hybrids always loop over their (two kinds of) layers: toolkit/models/hybrid.py
-        if args.is_hybrid:
+        if args.is_hybrid:  # attention and Mamba2 layers: toolkit/models/hybrid.py
             from toolkit.models.hybrid import Hybrid
 
-            model = Hybrid(args, weights, dtype)
+            model = Hybrid(args, weights, dtype, unroll_layers=unroll)
         else:
             model = Llama(args, weights, dtype, unroll_layers=unroll)
-        unroll = unroll or args.is_hybrid
         self.graphdef, self.state = nnx.split(model)
         # The weights as a flat list, flattened once: the nnx.State pytree flattens in
         # Python on every call (~300 leaves with unrolled layers), a list in C++.

@@ -106,7 +106,9 @@ def _hybrid_args(cfg: dict[str, Any]) -> ModelArgs:
     from toolkit.models.mamba2 import MambaArgs
 
     kind, D, L = cfg["model_type"], cfg["hidden_size"], cfg["num_hidden_layers"]
-    limit = tuple(float(x) for x in (cfg.get("time_step_limit") or (0.0, float("inf"))))
+    # transformers writes infinity as {"__float__": "Infinity"}
+    limit = tuple(float(x["__float__"] if isinstance(x, dict) else x)
+                  for x in (cfg.get("time_step_limit") or (0.0, float("inf"))))
     if kind == "bamba":
         heads = cfg["mamba_n_heads"]
         d_head = cfg.get("mamba_d_head", "auto")
