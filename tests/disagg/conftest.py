@@ -74,4 +74,6 @@ def make_pair(request):
             w.engine.flush_cache()
             assert w.engine.stats().pages_free == w.engine.stats().pages_usable, f"{w.role}: pages missing"
             assert w.aux.num_free == w.tcfg.max_rooms, f"{w.role}: aux slots leaked"
+            st = w.engine.stats()
+            assert st.state_slots_free == st.state_slots, f"{w.role}: state slots leaked"
         pair.close()

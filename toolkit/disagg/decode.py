@@ -102,8 +102,11 @@ class DecodeWorker(WorkerBase):
             self._pending.pop(0)
             r.prefix_node, r.prefix_pages = node, prefix
             r.seq.num_cached = len(prefix) * S
+            # (with the pages, a state slot for a model with recurrent state: prefill writes
+            # the request's final state there in the last transfer)
             r.pages, r.aux_slot = self.engine.reserve_pages(r.room, need), self.aux.allocate()
-            r.meta = RoomMeta(r.room, list(r.pages), r.aux_slot, [], len(prefix) * S)
+            r.meta = RoomMeta(r.room, list(r.pages), r.aux_slot, self.engine.reserved_state_slots(r.room),
+                              len(prefix) * S)
             self.control.send(r.peer_addr, r.meta.to_msg())
             log.debug("room %d: sent metadata (%d pages, aux slot %d)", r.room, need, r.aux_slot)
             r.set(RoomState.WAITING_FOR_INPUT, time.perf_counter() + self.tcfg.wait_timeout_s)
@@ -158,7 +161,7 @@ class DecodeWorker(WorkerBase):
             return self._fail(r, f"aux slot {r.aux_slot} holds room {int(rec['room'])}, expected room "
                                  f"{r.room}: slot mix-up", quarantine=False)
         if self.tcfg.checksum:
-            got = self._checksum(r.pages)
+            got = self._checksum(r.pages, r.meta.state_slots[0] if r.meta.state_slots else 0)
             if got != int(rec["checksum"]):
                 return self._fail(r, f"KV checksum mismatch for room {r.room}: prefill sent "
                                      f"{int(rec['checksum']):#x}, decode holds {got:#x}", quarantine=False)
@@ -197,7 +200,7 @@ class DecodeWorker(WorkerBase):
         if tell_peer and was_waiting:
             self.control.send(r.peer_addr, {"type": "abort", "room": r.room, "error": error})
         hold_s = self.tcfg.quarantine_s if quarantine and was_waiting else 0.0
-        if r.pages:
+        if r.meta is not None and self.engine.holds_pages(r.room):  # its pages (and state slot)
             self.engine.release_reserved(r.room, hold_s)
             r.pages = []
         if r.aux_slot is not None:  # the last chunk's transfer writes it: held like the pages

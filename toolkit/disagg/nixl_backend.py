@@ -66,8 +66,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from toolkit.cache.state_pool import StateLayout
 from toolkit.disagg.transfer import (AUX_DTYPE, AuxBuffer, LayoutMismatch, PoolLayout, TransferBackend,
-                                     TransferError, XferStatus)
+                                     TransferError, XferStatus, check_state_layouts)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,27 @@ def _descs(lay: PoolLayout) -> np.ndarray:
     return rows
 
 
+def _state_descs(st: Optional[StateLayout]) -> np.ndarray:
+    """Nx3 rows of a state pool, buffer-major (conv, ssm), then slot: one slot of every
+    Mamba2 layer is one contiguous piece of each buffer. Empty without state."""
+    if st is None:
+        return np.empty((0, 3), np.uint64)
+    parts = []
+    for addr, size in zip(st.addresses, st.slot_bytes):
+        rows = np.empty((st.num_slots, 3), np.uint64)
+        rows[:, 0] = np.uint64(addr) + np.arange(st.num_slots, dtype=np.uint64) * np.uint64(size)
+        rows[:, 1] = size
+        rows[:, 2] = st.device_id
+        parts.append(rows)
+    return np.concatenate(parts)
+
+
+def _pool_descs(lay: PoolLayout, st: Optional[StateLayout]) -> np.ndarray:
+    """The pool list's rows: the pages (none when the pool has no layer), then the state slots."""
+    pages = _descs(lay) if lay.buffer_bytes else np.empty((0, 3), np.uint64)
+    return np.concatenate([pages, _state_descs(st)])
+
+
 def _aux_descs(address: int, slots: int) -> np.ndarray:
     rows = np.empty((slots, 3), np.uint64)
     rows[:, 0] = np.uint64(address) + np.arange(slots, dtype=np.uint64) * np.uint64(AUX_DTYPE.itemsize)
@@ -168,9 +190,11 @@ class _Peer:
     agent_md: bytes
     layout: PoolLayout
     aux_slots: int
-    pool_list: Any  # prepared remote list of the peer's pages (and aux slots when combined)
+    pool_list: Any  # prepared remote list of the peer's pages, state slots (and aux slots when combined)
     aux_list: Any  # the same handle when combined, else a DRAM list of the aux slots
     aux_base: int  # index of aux slot 0 in aux_list
+    state: Optional[StateLayout] = None  # the peer's state pool (None: no state)
+    state_base: int = 0  # index of (conv, slot 0) in pool_list
 
 
 @dataclasses.dataclass(eq=False)
@@ -199,7 +223,7 @@ class NixlBackend(TransferBackend):
 
     def __init__(self, agent_name: str, layout: PoolLayout, aux: AuxBuffer, backends=("UCX",), *,
                  progress_delay_us: Optional[int] = 100, split_aux: Optional[bool] = None,
-                 backend_params: Optional[dict] = None):
+                 backend_params: Optional[dict] = None, state: Optional[StateLayout] = None):
         """``layout``: the placed layout of this side's pool (``KVPool.describe()``).
         ``progress_delay_us``: pause of NIXL's progress thread between passes (0: NIXL's
         own busy-spinning thread; None: no thread, progress only inside ``status`` and
@@ -207,7 +231,11 @@ class NixlBackend(TransferBackend):
         would do (both pools in DRAM); None = only when needed. Exists so CPU tests cover the
         VRAM path. ``backend_params``: init parameters per backend, e.g. ``{"UCX":
         {"num_threads": 8, "split_batch_size": 64}}`` (UCX: a write of at least
-        split_batch_size descriptors is split across num_threads worker threads)."""
+        split_batch_size descriptors is split across num_threads worker threads).
+        ``state``: the placed layout of this side's recurrent-state pool (a hybrid model;
+        ``StatePool.describe()``), registered beside the KV pool in the same memory type;
+        its descriptors follow the pages' in the same list, so a room's last transfer moves
+        pages, state slot and aux record together."""
         api = _nixl_api()
         if layout.mem_type not in ("DRAM", "VRAM"):
             raise ValueError(f"mem_type must be DRAM or VRAM, not {layout.mem_type!r}")
@@ -215,6 +243,9 @@ class NixlBackend(TransferBackend):
             raise ValueError("the pool layout is not placed (no buffer addresses): pass KVPool.describe()")
         self.agent_name = agent_name
         self.layout = layout
+        self.state = state
+        if state is not None and (state.mem_type != layout.mem_type or not state.addresses):
+            raise ValueError("the state pool must be placed, in the KV pool's memory type")
         self.aux = aux
         self._backends = list(backends)
         self._force_split = bool(split_aux)
@@ -231,11 +262,16 @@ class NixlBackend(TransferBackend):
         self._aux_slots = len(aux.records)
         pool_len = layout.buffer_bytes
         try:
-            self._regs.append(self._agent.register_memory(
-                [(int(a), pool_len, layout.device_id, "") for a in layout.addresses], layout.mem_type, self._backends))
+            regions = [(int(a), pool_len, layout.device_id, "") for a in layout.addresses] if pool_len else []
+            if state is not None:  # (a Mamba2 model's KV pool has no layer: state only)
+                regions += [(int(a), state.num_slots * n, state.device_id, "")
+                            for a, n in zip(state.addresses, state.slot_bytes)]
+            if regions:
+                self._regs.append(self._agent.register_memory(regions, layout.mem_type, self._backends))
             self._regs.append(self._agent.register_memory(
                 [(aux.address, aux.nbytes, 0, "")], "DRAM", self._backends))
-            pages = _descs(layout)
+            pages = _pool_descs(layout, state)
+            self._lstate_base = len(_descs(layout)) if pool_len else 0
             auxd = _aux_descs(aux.address, self._aux_slots)
             if layout.mem_type == "DRAM":
                 self._lpool = self._prep(_LOCAL, np.concatenate([pages, auxd]), "DRAM")
@@ -258,7 +294,8 @@ class NixlBackend(TransferBackend):
         return {"backend": self.name, "agent": self.agent_name,
                 "agent_metadata": base64.b64encode(self._agent.get_agent_metadata()).decode("ascii"),
                 "layout": self.layout.to_json(), "aux_address": int(self.aux.address), "aux_slots": self._aux_slots,
-                "aux_itemsize": AUX_DTYPE.itemsize}
+                "aux_itemsize": AUX_DTYPE.itemsize,
+                "state_layout": self.state.to_json() if self.state is not None else None}
 
     def connect(self, peer: dict[str, Any]) -> str:
         if peer.get("backend", self.name) != self.name:
@@ -272,6 +309,7 @@ class NixlBackend(TransferBackend):
         except (KeyError, TypeError, ValueError) as e:
             raise TransferError(f"malformed NIXL handshake payload: {e!r}") from e
         self.layout.check_compatible(theirs)  # before NIXL learns anything about the peer
+        their_state = check_state_layouts(self.state, peer.get("state_layout"))
         if peer.get("aux_itemsize", AUX_DTYPE.itemsize) != AUX_DTYPE.itemsize:
             raise LayoutMismatch(f"aux record size mismatch: {AUX_DTYPE.itemsize} here and "
                                  f"{peer['aux_itemsize']} on the peer")
@@ -291,7 +329,8 @@ class NixlBackend(TransferBackend):
             raise TransferError(f"peer metadata names agent {added!r}, handshake says {name!r}")
         lists: list[Any] = []
         try:
-            pages = _descs(theirs)
+            pages = _pool_descs(theirs, their_state)
+            state_base = len(_descs(theirs)) if theirs.buffer_bytes else 0
             auxd = _aux_descs(aux_address, aux_slots)
             if theirs.mem_type == "DRAM":
                 pool_list = self._agent.prep_xfer_dlist(name, np.concatenate([pages, auxd]), "DRAM",
@@ -309,7 +348,7 @@ class NixlBackend(TransferBackend):
                 _quiet(h.release)
             _quiet(self._agent.remove_remote_agent, name)
             raise TransferError(f"cannot prepare descriptors of peer {name!r}: {e!r}") from e
-        self._peers[name] = _Peer(name, md, theirs, aux_slots, pool_list, aux_list, aux_base)
+        self._peers[name] = _Peer(name, md, theirs, aux_slots, pool_list, aux_list, aux_base, their_state, state_base)
         return name
 
     # ---- initiator -------------------------------------------------------------------------
@@ -319,6 +358,8 @@ class NixlBackend(TransferBackend):
         dst = np.asarray(dst_pages, np.int64).reshape(-1)
         if src.size != dst.size:
             raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
+        if not self.layout.buffer_bytes:  # no attention layer: pages hold nothing to move
+            return np.empty(0, np.int32), np.empty(0, np.int32)
         here, there = self.layout.num_pages, peer.layout.num_pages
         if src.size and (src.min() < 0 or src.max() >= here):
             raise ValueError(f"source page out of range [0, {here}): {src.tolist()}")
@@ -329,13 +370,32 @@ class NixlBackend(TransferBackend):
         remote = (bufs * there + dst[None, :]).reshape(-1)
         return local.astype(np.int32), remote.astype(np.int32)
 
+    def _state_indices(self, peer: _Peer, state: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of one state slot (conv, ssm) in the local and the peer's pool lists."""
+        s, d = int(state[0]), int(state[1])
+        if self.state is None or peer.state is None:
+            raise ValueError("a state slot, but this model (or the peer's) has no state pool")
+        if not (0 <= s < self.state.num_slots and 0 <= d < peer.state.num_slots):
+            raise ValueError(f"state slots {state} out of range ({self.state.num_slots} here, "
+                             f"{peer.state.num_slots} on the peer)")
+        bufs = np.arange(2, dtype=np.int64)
+        local = self._lstate_base + bufs * self.state.num_slots + s
+        remote = peer.state_base + bufs * peer.state.num_slots + d
+        return local.astype(np.int32), remote.astype(np.int32)
+
     def write(self, peer: str, src_pages: list[int], dst_pages: list[int],
-              aux: Optional[tuple[int, int]], notif: bytes) -> NixlXfer:
+              aux: Optional[tuple[int, int]], notif: bytes,
+              state: Optional[tuple[int, int]] = None) -> NixlXfer:
         p = self._peers.get(peer)
         if p is None:
             raise TransferError(f"unknown peer {peer!r} (connect first)")
+        if state is not None and aux is None:
+            raise ValueError("a state slot moves only with the aux record (the last transfer)")
         notif = notif.encode() if isinstance(notif, str) else bytes(notif)
         lpage, rpage = self._page_indices(p, src_pages, dst_pages)
+        if state is not None:  # same list, same memory type: the state rides with the pages
+            ls, rs = self._state_indices(p, state)
+            lpage, rpage = np.concatenate([lpage, ls]), np.concatenate([rpage, rs])
         stages: list[_Stage] = []
         if aux is not None:
             s, d = int(aux[0]), int(aux[1])

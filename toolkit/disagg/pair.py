@@ -27,13 +27,14 @@ def make_backend(kind: str, agent_name: str, engine: Engine, aux: AuxBuffer, tcf
     if kind == "inproc":
         from toolkit.disagg.inproc_backend import InprocBackend
 
-        return InprocBackend(agent_name, engine.pool, aux)
+        return InprocBackend(agent_name, engine.pool, aux, engine.state_pool)
     if kind == "nixl":
         from toolkit.disagg.nixl_backend import NixlBackend
 
         ucx = {"num_threads": tcfg.ucx_threads, "split_batch_size": tcfg.ucx_split_batch}
+        state = engine.state_pool.describe() if engine.state_pool is not None else None
         return NixlBackend(agent_name, engine.pool.describe(), aux, backends=tuple(tcfg.nixl_backends),
-                           backend_params={"UCX": ucx} if tcfg.ucx_threads else None)
+                           backend_params={"UCX": ucx} if tcfg.ucx_threads else None, state=state)
     raise ValueError(f"transfer.backend={kind!r}; allowed: {', '.join(PD_TRANSFER_BACKENDS)}")
 
 

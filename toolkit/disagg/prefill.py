@@ -3,7 +3,8 @@
 Per room: wait for decode's ``RoomMeta`` (Bootstrapping), prefill the prompt
 (WaitingForInput: the input is our own compute), post one WRITE per finished
 chunk of whole pages (Transferring), and with the last chunk the aux record
-(first token, logprob, room id, checksum). Pages are freed only when no
+(first token, logprob, room id, checksum) and, for a model with recurrent state, the
+request's final state (every Mamba2 layer) into the slot decode listed. Pages are freed only when no
 transfer that reads them is in flight: after Success, or after a failure once
 the in-flight transfers have ended.
 """
@@ -98,6 +99,11 @@ class PrefillWorker(WorkerBase):
         if meta.decode_prefix_len % S or len(meta.dst_pages) != want:
             return self._fail(r, f"room metadata has {len(meta.dst_pages)} pages after a "
                                  f"{meta.decode_prefix_len}-token prefix; the prompt needs {want}", True)
+        # the one rule both sides share: a room has state exactly when decode lists a slot
+        has_state = self.engine.state_pool is not None
+        if bool(meta.state_slots) != has_state or len(meta.state_slots) > 1:
+            return self._fail(r, f"room metadata lists state slots {meta.state_slots}; this model "
+                                 f"{'keeps' if has_state else 'has no'} recurrent state (one slot per room)", True)
         if r.peer_addr not in self._peers:
             return self._fail(r, "no handshake with this decode worker", True)
         if self.aux.num_free == 0:
@@ -125,13 +131,15 @@ class PrefillWorker(WorkerBase):
         prefix_pages = r.meta.decode_prefix_len // S
         src = seq.pages[r.pages_sent:ready]
         dst = r.meta.dst_pages[r.pages_sent - prefix_pages:ready - prefix_pages]
-        aux = None
-        if done:
+        aux = state = None
+        if done:  # the last transfer: the aux record always, the state when there is state
             self._fill_aux(r, prefix_pages)
             aux = (r.aux_slot, r.meta.aux_slot)
+            if r.meta.state_slots:
+                state = (seq.state_slot, r.meta.state_slots[0])
         notif = last_notif(r.room, r.num_transfers + 1) if done else chunk_notif(r.room, r.num_transfers)
         try:
-            h = self._write(r, self._peers[r.peer_addr], src, dst, aux, notif)
+            h = self._write(r, self._peers[r.peer_addr], src, dst, aux, notif, state=state)
         except TransferError as e:
             self.stats["transfer_failures"] += 1
             return self._fail(r, f"transfer failed: {e}", tell_peer=True)
@@ -151,7 +159,8 @@ class PrefillWorker(WorkerBase):
         rec = self.aux.records[r.aux_slot]
         rec["room"], rec["token"] = r.room, r.seq.output_ids[0]
         rec["logprob"], rec["num_pages"] = r.seq.output_logprobs[0], len(r.meta.dst_pages)
-        rec["checksum"] = self._checksum(r.seq.pages[prefix_pages:]) if self.tcfg.checksum else 0
+        rec["checksum"] = (self._checksum(r.seq.pages[prefix_pages:], r.seq.state_slot if r.meta.state_slots else 0)
+                           if self.tcfg.checksum else 0)
 
     def _poll(self) -> None:
         """Drive every in-flight transfer; a room succeeds when its last transfer is done."""

@@ -67,9 +67,10 @@ def parse_notif(raw: bytes) -> tuple[int, str, int] | None:
         return None
 
 
-def pages_checksum(k_host: np.ndarray, v_host: np.ndarray) -> int:
-    """64-bit digest of a room's pages ([n, L, ...] host copies of K and V, in page order)."""
+def pages_checksum(k_host: np.ndarray, v_host: np.ndarray, *state: np.ndarray) -> int:
+    """64-bit digest of a room's pages ([n, L, ...] host copies of K and V, in page order)
+    and, for a model with recurrent state, its state slot's buffers (conv, ssm)."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(np.ascontiguousarray(k_host).tobytes())
-    h.update(np.ascontiguousarray(v_host).tobytes())
+    for a in (k_host, v_host, *state):
+        h.update(np.ascontiguousarray(a).tobytes())
     return int.from_bytes(h.digest(), "little")

@@ -97,17 +97,20 @@ class WorkerBase:
         self.rooms[room] = r
         return r
 
-    def _checksum(self, pages: list[int]) -> int:
-        """Digest of the KV of ``pages`` (every layer, K and V) as this side's pool holds it."""
-        return pages_checksum(*self.engine.read_pages(pages))
+    def _checksum(self, pages: list[int], state_slot: int = 0) -> int:
+        """Digest of the KV of ``pages`` (every layer, K and V) and of state slot
+        ``state_slot`` (0: none) as this side's pools hold them."""
+        state = self.engine.read_state(state_slot) if state_slot else ()
+        return pages_checksum(*self.engine.read_pages(pages), *state)
 
     def _inject_fault(self) -> bool:
         return self.tcfg.fault_rate > 0 and self._faults.random() < self.tcfg.fault_rate
 
-    def _write(self, r: Room, peer: str, src: list[int], dst: list[int], aux, notif: bytes) -> Any:
+    def _write(self, r: Room, peer: str, src: list[int], dst: list[int], aux, notif: bytes,
+               state=None) -> Any:
         if self._inject_fault():
             raise TransferError(f"injected transfer fault (transfer.fault_rate={self.tcfg.fault_rate})")
-        return self.backend.write(peer, src, dst, aux, notif)
+        return self.backend.write(peer, src, dst, aux, notif, state=state)
 
     def _finish_room(self, r: Room, state: RoomState, error: str | None = None) -> None:
         r.error = error

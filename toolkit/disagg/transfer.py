@@ -7,8 +7,12 @@ A backend is created on each side around that side's buffers:
             handshake); registered once (their addresses never move: they are donated
             through every jitted step)
     aux     an ``AuxBuffer``: a small host array of fixed-size records, one slot per room
-    states  extra per-request state buffers (recurrent layers); empty for attention-only
-            models, and an empty list means "no state", never "wait for state"
+    state   the recurrent-state pool of a hybrid model (``toolkit.cache.state_pool``: conv
+            and SSM buffers, one slot of every Mamba2 layer contiguous in each), placed and
+            registered like the KV pool; None for attention-only models. A room's slot
+            moves in the same transfer as the aux record (the last), so decode's completion
+            rule needs nothing more; a room has state exactly when decode's ``RoomMeta``
+            lists a slot (``state_slots``: an empty list means "no state", never "wait")
 
 The initiator (prefill) calls ``write`` for each finished chunk; the target
 (decode) only registers, hands out its ``metadata()`` and reads
@@ -26,6 +30,7 @@ import numpy as np
 
 from toolkit.cache.holds import Holds
 from toolkit.cache.pool import LayoutMismatch, PoolLayout  # noqa: F401 -- re-exported for backends
+from toolkit.cache.state_pool import StateLayout
 
 # One aux record: which room it belongs to (decode checks it against the slot's
 # room to detect a slot mix-up), the first sampled token, its logprob, and an
@@ -91,6 +96,19 @@ class TransferError(RuntimeError):
     pass
 
 
+def check_state_layouts(mine: Optional[StateLayout], theirs: Optional[dict]) -> Optional[StateLayout]:
+    """The handshake's state check: both sides without state, or both with compatible state
+    pools (else LayoutMismatch naming both). Returns the peer's layout (None: no state)."""
+    other = StateLayout.from_json(theirs) if theirs else None
+    if (mine is None) != (other is None):
+        here, there = ("a recurrent-state pool", "none") if mine is not None else ("none", "a recurrent-state pool")
+        raise LayoutMismatch(f"state layout mismatch: {here} here and {there} on the peer "
+                             "(one model has Mamba2 layers, the other does not)")
+    if mine is not None:
+        mine.check_compatible(other)
+    return other
+
+
 class XferStatus(enum.Enum):
     PROC = "PROC"
     DONE = "DONE"
@@ -116,10 +134,13 @@ class TransferBackend(abc.ABC):
 
     @abc.abstractmethod
     def write(self, peer: str, src_pages: list[int], dst_pages: list[int],
-              aux: Optional[tuple[int, int]], notif: bytes) -> Any:
-        """Start a WRITE of pages (every layer, K and V) and optionally one aux slot
-        (src_slot, dst_slot) into the peer; ``notif`` reaches the peer after the data.
-        Returns a handle for ``status``. Raises TransferError if it cannot start."""
+              aux: Optional[tuple[int, int]], notif: bytes,
+              state: Optional[tuple[int, int]] = None) -> Any:
+        """Start a WRITE of pages (every layer, K and V), optionally one aux slot
+        (src_slot, dst_slot) and, with the aux slot only, one state slot (src_slot,
+        dst_slot: every Mamba2 layer's conv and SSM state) into the peer; ``notif`` reaches
+        the peer after all the data. Returns a handle for ``status``. Raises TransferError if
+        it cannot start."""
 
     @abc.abstractmethod
     def status(self, handle: Any) -> XferStatus:

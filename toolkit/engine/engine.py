@@ -444,10 +444,20 @@ class Engine:
         so a backend registers them once."""
         return self.runner.pool
 
+    @property
+    def state_pool(self):
+        """The recurrent-state pool (``toolkit.cache.state_pool.StatePool``) of a hybrid
+        model, None without state: like ``pool``, its addresses never change."""
+        return self.runner.state_pool
+
     def wait_for_kv(self) -> None:
-        """Block until every launched step's KV writes have landed (before a transfer reads
-        the pool)."""
-        jax.block_until_ready((self.runner.pool.k, self.runner.pool.v))
+        """Block until every launched step's KV (and state) writes have landed (before a
+        transfer reads the pools)."""
+        jax.block_until_ready((self.runner.pool.k, self.runner.pool.v, self.runner.mstate))
+
+    def read_state(self, slot: int) -> tuple[np.ndarray, ...]:
+        """Host copies of one state slot, every Mamba2 layer: (conv, ssm); () without state."""
+        return tuple(np.asarray(b[slot]) for b in self.runner.mstate)
 
     def read_pages(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Host copies of K and V of ``pages`` in every layer: ([n, L, S, KV, Dh],) * 2."""
