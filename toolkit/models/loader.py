@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from toolkit.config.schema import ModelConfig
 from toolkit.models.checkpoint import Checkpoint, find_package_file
-from toolkit.models.random_init import TINY_ARGS, device_random_checkpoint, random_checkpoint
+from toolkit.models.random_init import TINY_ARGS, device_random_checkpoint, hybrid_args, random_checkpoint
 from toolkit.models.spec import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ def _gguf_path(cfg: ModelConfig) -> Path:
 def _random_args(cfg: ModelConfig) -> ModelArgs:
     rand = cfg.random
     overrides = OmegaConf.to_container(rand, resolve=True) if OmegaConf.is_config(rand) else dict(rand or {})
+    overrides = hybrid_args(overrides)  # (a hybrid's attn_layer_indices -> layer_types)
     unknown = set(overrides) - set(ModelArgs.__dataclass_fields__)
     if unknown:
         raise ValueError(f"model.random has unknown keys {sorted(unknown)}; "
