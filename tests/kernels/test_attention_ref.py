@@ -9,6 +9,12 @@ from kernels import attention_ref as ref
 from toolkit.cache.allocator import pages_for
 
 
+# Jitted, as the engine runs them: one compile per shape (eager, one per op: most of these tests' time).
+paged_decode = jax.jit(ref.paged_decode_attention, static_argnames="scale")
+paged_prefill = jax.jit(ref.paged_prefill_attention, static_argnames=("max_q_len", "scale"))
+dense = jax.jit(ref.dense_causal_attention, static_argnames="scale")
+
+
 @pytest.fixture(autouse=True)
 def _exact_matmuls():
     """float32 matmuls in full precision (XLA on a GPU would use TF32: 4e-4 off)."""
@@ -36,11 +42,11 @@ def test_decode_matches_dense(page_size, H, KV, Dh):
     lens = [1, 3, page_size, 2 * page_size + 1, 37]
     k_pool, v_pool, table = _setup(rng, lens, page_size, KV, Dh)
     q = rng.standard_normal((len(lens), H, Dh)).astype(np.float32)
-    out = ref.paged_decode_attention(jnp.asarray(q), k_pool, v_pool, 1, jnp.asarray(table),
+    out = paged_decode(jnp.asarray(q), k_pool, v_pool, 1, jnp.asarray(table),
                                      jnp.asarray(lens, jnp.int32), scale=Dh ** -0.5)
     for b, n in enumerate(lens):
         k, v = _contig(k_pool, 1, table[b], n), _contig(v_pool, 1, table[b], n)
-        want = ref.dense_causal_attention(q[b:b + 1], k, v, scale=Dh ** -0.5)
+        want = dense(q[b:b + 1], k, v, scale=Dh ** -0.5)
         np.testing.assert_allclose(np.asarray(out[b]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
 
 
@@ -58,11 +64,11 @@ def test_prefill_ragged_matches_dense(page_size):
     cu = np.concatenate([cu, [cu[-1]]])  # one padding sequence
     table = np.concatenate([table, np.zeros((1, table.shape[1]), np.int32)])
     kvl = np.asarray(kv_lens + [0], np.int32)
-    out = np.asarray(ref.paged_prefill_attention(jnp.asarray(q), k_pool, v_pool, 1, table, cu, kvl,
+    out = np.asarray(paged_prefill(jnp.asarray(q), k_pool, v_pool, 1, table, cu, kvl,
                                                  max_q_len=16, scale=Dh ** -0.5))
     for b, (n, m) in enumerate(zip(kv_lens, q_lens)):
         k, v = _contig(k_pool, 1, table[b], n), _contig(v_pool, 1, table[b], n)
-        want = ref.dense_causal_attention(q[cu[b]:cu[b + 1]], k, v, scale=Dh ** -0.5)
+        want = dense(q[cu[b]:cu[b + 1]], k, v, scale=Dh ** -0.5)
         np.testing.assert_allclose(out[cu[b]:cu[b + 1]], np.asarray(want), rtol=1e-5, atol=1e-5)
     assert np.all(out[cu[-1]:] == 0) and np.all(np.isfinite(out))
 
