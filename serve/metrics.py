@@ -39,6 +39,9 @@ class Metrics:
         self.cache_locked = Gauge("prefix_cache_locked_pages", "cached pages requests hold", registry=r)
         self.cache_evicted = Gauge("prefix_cache_evicted_pages", "cached pages evicted to make room, so far",
                                    registry=r)
+        self.state_slots = Gauge("state_slots", "recurrent-state slots of a hybrid model (0 without state)",
+                                 registry=r)
+        self.state_slots_used = Gauge("state_slots_in_use", "state slots held by requests and rooms", registry=r)
         self.pages_held = Gauge("kv_pages_held", "pages of failed transfers held until the peer cannot "
                                 "write them", registry=r)
         # the tiers below the prefix cache (cache.host_pages, cache.storage)
@@ -77,6 +80,8 @@ class Metrics:
         self.cache_locked.set(stats.pages_cached - stats.pages_evictable)
         self.cache_evicted.set(stats.pages_evicted)
         self.pages_held.set(stats.pages_held)
+        self.state_slots.set(stats.state_slots)
+        self.state_slots_used.set(stats.state_slots - stats.state_slots_free)
         for name, gauge in self.tier.items():
             gauge.set(getattr(stats, name))
 

@@ -78,6 +78,7 @@ def create_app(worker) -> FastAPI:
         """(EngineStats, the /pd/stats record), read together on the loop thread."""
         e = worker.engine.stats()
         return e, {"pages_used": e.pages_used, "pages_usable": e.pages_usable, "aux_free": worker.aux.num_free,
+                   "state_slots": e.state_slots, "state_slots_free": e.state_slots_free,
                    "aux_slots": worker.tcfg.max_rooms, "rooms_active": len(worker.active_rooms()),
                    "idle": worker.idle(), "mem_type": getattr(getattr(worker.backend, "spec", None),
                                                               "mem_type", "?"), **worker.stats}

@@ -21,7 +21,9 @@ TINY_ENGINE = ["model=tiny-random", "engine.page_size=4", "engine.chunk_size=16"
 
 
 class Worker:
-    def __init__(self, role: str, overrides: list[str] = (), startup_s: float = 120, env: dict | None = None):
+    def __init__(self, role: str, overrides: list[str] = (), startup_s: float = 120, env: dict | None = None,
+                 engine: list[str] = TINY_ENGINE):
+        """engine: the model and engine overrides (default: the tiny random model's)."""
         self.role, self.port = role, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
@@ -30,7 +32,7 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serve", f"role={role}", f"transfer={'nixl' if role in ('prefill', 'decode') else 'none'}",
              f"server.port={self.port}",
-             *TINY_ENGINE, *overrides], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+             *engine, *overrides], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         t0 = time.time()
         while True:
             assert self.proc.poll() is None, f"{role} worker exited: {open(self.log.name).read()[-3000:]}"
@@ -57,7 +59,8 @@ class Worker:
         t0 = time.time()
         while True:
             s = self.stats()
-            if s["idle"] and s["pages_used"] == 0 and s["aux_free"] == s["aux_slots"]:
+            if (s["idle"] and s["pages_used"] == 0 and s["aux_free"] == s["aux_slots"]
+                    and s["state_slots_free"] == s["state_slots"]):
                 return s
             assert time.time() - t0 < timeout, f"{self.role} not idle: {s}"
             time.sleep(0.2)

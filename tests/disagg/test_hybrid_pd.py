@@ -24,11 +24,15 @@ N = 8
 
 
 @pytest.fixture(scope="module", params=["bamba", "mamba2"])
-def hybrid_ckpt(request, tmp_path_factory):
+def hybrid_dir(request, tmp_path_factory):
+    return H.save(H.build(request.param, seed=4), tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def hybrid_ckpt(hybrid_dir):
     from toolkit.models.hf_loader import load_hf_dir
 
-    path = H.save(H.build(request.param, seed=4), tmp_path_factory.mktemp(request.param))
-    return load_hf_dir(path, progress=False)
+    return load_hf_dir(hybrid_dir, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +132,35 @@ def test_state_layouts_must_agree_at_handshake(hybrid_ckpt):
     with pytest.raises(LayoutMismatch, match=f"state_size is {mine.state_size} here and {2 * mine.state_size}"):
         check_state_layouts(mine, other.to_json())
     np.testing.assert_equal(mine.slot_bytes[1], mine.num_layers * mine.num_heads * mine.head_dim * mine.state_size * 4)
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_move_state_over_nixl(hybrid_dir, hybrid_ckpt, reference):
+    """Guards against what only breaks across processes: state-pool addresses registered in
+    one process and written from another, the state layout in the serialised handshake, the
+    state slot in the room metadata. Real prefill and decode workers (``python -m serve``)
+    over NIXL on loopback: tokens equal the unified engine's, every slot free afterwards."""
+    from tests.disagg.procs import Worker, run_concurrently
+    from tests.disagg.test_processes import as_dict
+
+    if hybrid_ckpt.args.num_attn_layers == 0:
+        pytest.skip("one hybrid is enough here: Bamba moves pages and state")
+    prompts, params, ref = reference
+    engine = ["model=hf", f"model.path={hybrid_dir}", "model.name=bamba-tiny", "model.dtype=float32", "cache=none",
+              "engine.page_size=4", "engine.chunk_size=16", "engine.num_pages=256", "engine.max_prefill_seqs=4",
+              "engine.min_bucket=4", "engine.attention_backend=reference", "engine.shape_buckets=compact",
+              "engine.max_model_len=128", "engine.max_batch_size=8", "transfer.checksum=true"]
+    made = []
+    try:
+        pre = Worker("prefill", engine=engine)
+        made.append(pre)
+        dec = Worker("decode", engine=engine)
+        made.append(dec)
+        got = run_concurrently(pre, dec, prompts, [as_dict(p) for p in params])
+        assert [g.get("tokens") if "error" not in g else g["error"] for g in got] == ref
+        for w in (pre, dec):
+            st = w.wait_idle()
+            assert st["state_slots"] > 0 and st["state_slots_free"] == st["state_slots"]
+    finally:
+        for w in made:
+            w.stop()
