@@ -140,3 +140,24 @@ def test_tier_options_refused_where_they_cannot_work(no_alloc, tmp_path):
         from toolkit.config.schema import CacheConfig
 
         Engine.from_config(TINY_MODEL, engine_cfg(), cache=CacheConfig(decode_offload=True))
+
+
+def test_prefix_cache_with_a_hybrid_model_is_refused_before_loading(no_alloc):
+    """Guards against a hybrid (Mamba2 layers: recurrent state the cache cannot snapshot)
+    served from cached prefixes that carry no state: radix, the default, fails before any
+    load or allocation, naming both options; cache=none and the router pass."""
+    import dataclasses
+
+    from toolkit.config.schema import CacheConfig, RunConfig
+    from toolkit.config.validate import validate
+
+    model = dataclasses.replace(TINY_MODEL, random=dict(TINY_MODEL.random, architecture="bamba",
+                                                        attn_layer_indices=[1]))
+    with pytest.raises(ConfigError, match=r"cache.policy=radix cannot serve model.random.architecture=bamba.*"
+                                          r"cache=none"):
+        Engine.from_config(model, engine_cfg())
+    with pytest.raises(ConfigError, match="cannot serve"):
+        validate(RunConfig(model=model, engine=engine_cfg()))
+    validate(RunConfig(model=model, engine=engine_cfg(), cache=CacheConfig(policy="none")))
+    with pytest.raises(ConfigError, match="engine.state_slots=-1"):
+        Engine.from_config(model, engine_cfg(state_slots=-1), cache=CacheConfig(policy="none"))

@@ -79,10 +79,17 @@ def validate_model_cache(model, c) -> None:
     """A prefix cache needs KV that a cached prefix fully describes: a model with recurrent
     state would need its state snapshotted at page boundaries, which the engine does not do."""
     arch = state_architecture(model)
-    _need(arch is None or c.policy == "none",
-          f"cache.policy={c.policy} cannot serve a {arch} model (model.architecture={arch}): its Mamba2 "
-          "layers keep recurrent state, which is not snapshotted at page boundaries, so a cached prefix "
-          "has no state to start from; use cache=none (cache.policy=none) with this model")
+    if arch is None or c.policy == "none":
+        return
+    if getattr(model, "source", None) == "hf":
+        what = f"model.path={model.path} (a {arch} model)"
+    elif getattr(model, "source", None) == "random":
+        what = f"model.random.architecture={arch}"
+    else:
+        what = f"a {arch} model"
+    _need(False, f"cache.policy={c.policy} cannot serve {what}: its Mamba2 layers keep recurrent state, "
+          "which is not snapshotted at page boundaries, so a cached prefix has no state to start from; "
+          "use cache=none (cache.policy=none) with this model")
 
 
 def validate_engine(e) -> None:
