@@ -31,8 +31,41 @@ class LayoutMismatch(ValueError):
     pass
 
 
+class PlacedLayout:
+    """What the KV and state pool layouts share (both frozen dataclasses with ``mem_type``,
+    ``device_id``, ``addresses`` fields): placing, the peer check of the fields in
+    ``AGREE`` (naming the first that differs), and the handshake's JSON."""
+
+    AGREE: tuple[str, ...] = ()
+    KIND = ""  # what a mismatch message calls it
+
+    def placed(self, mem_type: str, device_id: int, addresses):
+        return dataclasses.replace(self, mem_type=mem_type, device_id=int(device_id),
+                                   addresses=tuple(int(a) for a in addresses))
+
+    def check_compatible(self, other) -> None:
+        """Raise LayoutMismatch naming the first field where the two pools differ."""
+        for f in self.AGREE:
+            mine, theirs = getattr(self, f), getattr(other, f)
+            if mine != theirs:
+                raise LayoutMismatch(f"{self.KIND} layout mismatch: {f} is {mine!r} here and {theirs!r} on the peer")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["addresses"] = [int(a) for a in self.addresses]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict):
+        """The peer's handshake payload (malformed: TypeError/ValueError/KeyError); whether it
+        matches this side is ``check_compatible``'s to say."""
+        d = dict(d)
+        d["addresses"] = tuple(int(a) for a in d.get("addresses", ()))
+        return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
-class PoolLayout:
+class PoolLayout(PlacedLayout):
     """The one description of a KV pool: its shape and order (what two peers must agree on)
     and, once allocated, where its buffers are (what a transfer backend registers).
 
@@ -53,6 +86,7 @@ class PoolLayout:
     # Fields two pools must share for pages to move between them (num_pages may differ);
     # ``order`` first: a peer of another order (an older build) fails on it, naming both.
     AGREE = ("order", "num_layers", "page_size", "num_kv_heads", "head_dim", "dtype", "num_buffers")
+    KIND = "KV"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -81,30 +115,6 @@ class PoolLayout:
     @property
     def num_buffers(self) -> int:
         return len(self.addresses) if self.addresses else 2
-
-    def placed(self, mem_type: str, device_id: int, addresses) -> "PoolLayout":
-        return dataclasses.replace(self, mem_type=mem_type, device_id=int(device_id),
-                                   addresses=tuple(int(a) for a in addresses))
-
-    def check_compatible(self, other: "PoolLayout") -> None:
-        """Raise LayoutMismatch naming the first field where the two pools differ."""
-        for f in self.AGREE:
-            mine, theirs = getattr(self, f), getattr(other, f)
-            if mine != theirs:
-                raise LayoutMismatch(f"KV layout mismatch: {f} is {mine!r} here and {theirs!r} on the peer")
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["addresses"] = [int(a) for a in self.addresses]
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "PoolLayout":
-        """The peer's handshake payload (malformed: TypeError/ValueError/KeyError); whether it
-        matches this side is ``check_compatible``'s to say."""
-        d = dict(d)
-        d["addresses"] = tuple(int(a) for a in d.get("addresses", ()))
-        return cls(**d)
 
     @classmethod
     def for_model(cls, args: ModelArgs, num_pages: int, page_size: int, dtype) -> "PoolLayout":

@@ -21,12 +21,12 @@ import dataclasses
 import jax
 import numpy as np
 
-from toolkit.cache.pool import LayoutMismatch, device_zeros, resolve_alloc
+from toolkit.cache.pool import PlacedLayout, device_zeros, resolve_alloc
 from toolkit.models.spec import ModelArgs
 
 
 @dataclasses.dataclass(frozen=True)
-class StateLayout:
+class StateLayout(PlacedLayout):
     """What two peers must agree on to move state slots (the slot count may differ), and,
     once allocated, where the buffers are."""
 
@@ -45,6 +45,7 @@ class StateLayout:
 
     AGREE = ("num_layers", "conv_dim", "conv_width", "num_heads", "head_dim", "state_size",
              "conv_dtype", "ssm_dtype")
+    KIND = "state"
 
     @classmethod
     def for_model(cls, args: ModelArgs, num_slots: int, dtype) -> "StateLayout":
@@ -72,28 +73,6 @@ class StateLayout:
     @property
     def total_slot_bytes(self) -> int:
         return sum(self.slot_bytes)
-
-    def placed(self, mem_type: str, device_id: int, addresses) -> "StateLayout":
-        return dataclasses.replace(self, mem_type=mem_type, device_id=int(device_id),
-                                   addresses=tuple(int(a) for a in addresses))
-
-    def check_compatible(self, other: "StateLayout") -> None:
-        """Raise LayoutMismatch naming the first field where the two state pools differ."""
-        for f in self.AGREE:
-            mine, theirs = getattr(self, f), getattr(other, f)
-            if mine != theirs:
-                raise LayoutMismatch(f"state layout mismatch: {f} is {mine!r} here and {theirs!r} on the peer")
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["addresses"] = [int(a) for a in self.addresses]
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "StateLayout":
-        d = dict(d)
-        d["addresses"] = tuple(int(a) for a in d.get("addresses", ()))
-        return cls(**d)
 
 
 class StatePool:
