@@ -106,8 +106,10 @@ class Replay:
 
     def __init__(self, call: DecodeCall, pool, state_pool=None):
         self._fn, self._pool, self._state_pool = call.exe, pool, state_pool
-        self._state, _, _, self.mstate, self._inp, self._samp, self._feed, self._prev_tok = call.args
-        self.k, self.v = pool.k, pool.v  # (mstate: the engine's state pool, threaded like the KV pool)
+        self._state, _, _, _, self._inp, self._samp, self._feed, self._prev_tok = call.args
+        # the live buffers (the recorded call's were donated): the KV pool and the state pool
+        self.k, self.v = pool.k, pool.v
+        self.mstate = state_pool.buffers if state_pool is not None else ()
         self.dispatch_s: list[float] = []  # host time until each ``step`` call returned
         self._feed_all = np.arange(self._inp.tokens.shape[0], dtype=np.int32)
         self._prev: Optional[tuple] = None
