@@ -45,10 +45,12 @@ class AttentionBench:
 
 @dataclasses.dataclass
 class DecodeBench:
-    """``python -m toolkit.bench.decode``: a Llama-3-8B-shaped engine's decode step against
-    the memory roofline, per batch size, attention backend and engine mode."""
+    """``python -m toolkit.bench.decode``: a Llama-3-8B-shaped (or Bamba-9B-shaped) engine's
+    decode step against the memory roofline, per batch size, attention backend and engine
+    mode; optionally the prefill of one long prompt against the matmul ceiling."""
 
-    quick: bool = False  # a tiny model shape (a CPU smoke run)
+    model: str = "llama3-8b"  # llama3-8b | bamba-9b (attention + Mamba2 layers: state in the roofline)
+    quick: bool = False  # a tiny model shape of that family (a CPU smoke run)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 64])
     ctx: int = 1024  # prompt tokens of every request
     steps: int = 32  # timed decode steps
@@ -57,6 +59,8 @@ class DecodeBench:
     page_size: int = 16
     profile: bool = False  # cProfile the timed steps of the largest batch (to stderr)
     trace_steps: int = 8  # after the timed steps, trace this many with the JAX profiler (GPU)
+    prefill_len: int = 0  # > 0: also time the prefill of one prompt this long (vs the matmul ceiling)
+    prefill_reps: int = 3  # timed prefills (after one that compiles)
     json_out: str = ""
 
 
