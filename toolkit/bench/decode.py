@@ -98,6 +98,7 @@ COLS = ["backend", "mode", "batch", "tok_s", "step_ms", "device_ms", *TRACE_COLS
 STATE_COLS = ["state_roofline_ms", "gemm_ms", "attn_kernel_ms", "other_kernel_ms"]
 PREFILL_COLS = ["backend", "mode", "prompt", "prefill_ms", "tok_s", "tflop", "matmul_ceiling_ms", "vs_ceiling",
                 "tflop_s", "compile_s"]
+PREFILL_TRACE_COLS = ["trace_busy_ms", "gemm_ms", "attn_kernel_ms", "other_kernel_ms"]  # one traced prefill (GPU)
 MATMUL_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "m_in_proj", "m_out_proj")
 
 
@@ -142,10 +143,10 @@ def prefill_flops(args: ModelArgs, weights: dict, T: int) -> float:
 
 
 def kernel_kind(name: str) -> str:
-    """gemm (cuBLAS / cuBLASLt / XLA's Triton GEMM fusions), attn (our Pallas and Mosaic GPU
-    attention kernels), or other (XLA's elementwise, reduction, gather/scatter fusions)."""
+    """gemm (cuBLAS / cuBLASLt with its nvjet kernels / XLA's Triton GEMM fusions), attn (our
+    Pallas and Mosaic GPU attention kernels), or other (XLA's elementwise, reduction, gather/scatter fusions)."""
     n = name.lower()
-    if any(t in n for t in ("gemm", "xmma", "cutlass", "cublas", "matmul", "__dot", "wgmma")):
+    if any(t in n for t in ("gemm", "xmma", "cutlass", "cublas", "nvjet", "matmul", "__dot", "wgmma")):
         return "gemm"
     if any(t in n for t in ("attention", "paged", "decode", "prefill", "write_kv", "mosaic")):
         return "attn"
@@ -291,6 +292,14 @@ def prefill_rows(eng: Engine, args: ModelArgs, weights: dict, b: config.DecodeBe
         eng.sync()
         times.append(time.perf_counter() - t0)
         assert len(s.output_ids) == 1, "the prefill did not end in its first token"
+    traced = {}
+    if b.trace_steps:  # one more prefill under the profiler: device time by kernel kind
+        def body():
+            s = eng.add_request(list(rng.integers(300, args.vocab_size - 10, T)), params)
+            while not s.is_finished:
+                eng.step()
+            eng.sync()
+        traced = traced_timeline(body, 1, kinds=True)
     st = eng.stats()
     assert st.pages_used == 0 and not st.running and not st.waiting, f"pages or requests left behind: {st}"
     t = float(np.median(times[1:]))
@@ -299,7 +308,7 @@ def prefill_rows(eng: Engine, args: ModelArgs, weights: dict, b: config.DecodeBe
           f"{st.num_compilations - comp0} new)", file=sys.stderr)
     return [dict(backend=backend, mode=mode, prompt=T, prefill_ms=t * 1e3, tok_s=T / t, tflop=flops / 1e12,
                  matmul_ceiling_ms=flops / flop_s * 1e3, vs_ceiling=t / (flops / flop_s), tflop_s=flops / t / 1e12,
-                 compile_s=st.compile_seconds - csec0)]
+                 compile_s=st.compile_seconds - csec0, **traced)]
 
 
 def run(args: ModelArgs, ckpt: Checkpoint, b: config.DecodeBench, backend: str, overlap: bool, dtype,
@@ -358,7 +367,7 @@ def run(args: ModelArgs, ckpt: Checkpoint, b: config.DecodeBench, backend: str, 
                          roofline_ms=roof * 1e3, tok_s=B / step_s, vs_roofline=step_s / roof,
                          device_vs_roofline=dev_s / roof, new_compiles_while_timed=new_compiles,
                          compilations=st.num_compilations, compile_s=st.compile_seconds, **parts,
-                         **extra, **{**{k: float("nan") for k in TRACE_COLS}, **traced}))
+                         **{**extra, **{k: float("nan") for k in TRACE_COLS}, **traced}))
         print(f"row: {json.dumps(rows[-1], default=str)}", file=sys.stderr)
     return rows, pre
 
@@ -394,7 +403,8 @@ def job(cfg: config.DecodeRun) -> None:
     if pre:  # the prefill table first: the decode table stays last on stdout
         print(f"Prefill of one {b.prefill_len}-token prompt, prompt to first token, against the matmul "
               f"ceiling ({flop_s / 1e12:.1f} TFLOP/s, [8192, 8192] matmul of the same run)")
-        for line in core.format_table(pre, PREFILL_COLS):
+        pcols = PREFILL_COLS + ([c for c in PREFILL_TRACE_COLS if c in pre[0]] if pre else [])
+        for line in core.format_table(pre, pcols):
             print(line)
         print()
     core.report("decode", rows, cols, card=card, config=b, json_out=b.json_out,
