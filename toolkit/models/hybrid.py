@@ -26,9 +26,9 @@ from flax import nnx
 
 from kernels.attention import AttentionBackend
 from toolkit.engine.inputs import StepInputs
-from toolkit.models.llama import rms_norm
+from toolkit.models.llama import attention_block, mlp_block, rms_norm
 from toolkit.models.mamba2 import MambaArgs, mixer
-from toolkit.models.rope import apply_rope, inv_frequencies
+from toolkit.models.rope import inv_frequencies
 from toolkit.models.spec import (ATTENTION, ATTENTION_KEYS, HYBRID_ALL_KEYS, MAMBA, MAMBA_KEYS,
                                  OPTIONAL_LAYER_KEYS, OPTIONAL_MAMBA_KEYS, ModelArgs, stack_index)
 
@@ -96,41 +96,21 @@ def forward(graphdef, state, k_pool, v_pool, mstate, inp: StepInputs, *, attn: A
     """
     model: Hybrid = nnx.merge(graphdef, state)
     a, m = model.args, model.mamba_args
-    H, KV, Dh = a.num_heads, a.num_kv_heads, a.head_dim
-    rot = int(Dh * a.partial_rotary_factor)  # RoPE on the first `rot` dims of each head
-    scale = 1.0 / float(np.sqrt(Dh))
+    rot = int(a.head_dim * a.partial_rotary_factor)  # RoPE on the first `rot` dims of each head
     inv_freq = inv_frequencies(rot, a.rope_theta, a.rope_scaling) if a.num_attn_layers else None
     decode = max_q_len == 1
     x = model.embed[...][inp.tokens]  # [T, D]
-    T = x.shape[0]
     q_lens = inp.cu_q_lens[1:] - inp.cu_q_lens[:-1]  # [B]
     fresh = (inp.kv_lens - q_lens) == 0  # [B] first token at position 0: start from zero state
     slots = inp.state_slots
 
-    def rope(t):  # [T, N, Dh]
-        if rot == Dh:
-            return apply_rope(t, inp.positions, inv_freq)
-        return jnp.concatenate([apply_rope(t[..., :rot], inp.positions, inv_freq), t[..., rot:]], axis=-1)
-
     def mlp(x, lp):
-        if not a.has_mlp:
-            return x
-        h = rms_norm(x, lp["mlp_norm"], a.rms_norm_eps)
-        return x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+        return mlp_block(x, lp, a.rms_norm_eps) if a.has_mlp else x
 
-    def attention_layer(x, k_pool, v_pool, li, lp):
-        h = rms_norm(x, lp["attn_norm"], a.rms_norm_eps)
-        q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
-        if "bq" in lp:
-            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-        q, k = rope(q.reshape(T, H, Dh)), rope(k.reshape(T, KV, Dh))
-        k_pool, v_pool = attn.write_kv(k_pool, v_pool, li, k, v.reshape(T, KV, Dh), inp.slot_mapping)
-        if decode:
-            o = attn.decode(q, k_pool, v_pool, li, inp.page_table, inp.kv_lens, scale=scale)
-        else:
-            o = attn.prefill(q, k_pool, v_pool, li, inp.page_table, inp.cu_q_lens, inp.kv_lens,
-                             max_q_len=max_q_len, scale=scale)
-        return mlp(x + o.reshape(T, H * Dh) @ lp["wo"], lp), k_pool, v_pool
+    def attention_layer(x, k_pool, v_pool, li, lp):  # (the Llama block, partial RoPE)
+        x, k_pool, v_pool = attention_block(x, k_pool, v_pool, li, lp, inp, a=a, attn=attn, max_q_len=max_q_len,
+                                            inv_freq=inv_freq, rot=rot)
+        return mlp(x, lp), k_pool, v_pool
 
     def mamba_layer(x, conv, ssm, mi, lp):
         h = rms_norm(x, lp["attn_norm"], a.rms_norm_eps)

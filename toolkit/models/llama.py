@@ -75,6 +75,39 @@ def _layer_params(model: Llama) -> dict[str, jax.Array]:
             if hasattr(model.layers, k)}
 
 
+def attention_block(x, k_pool, v_pool, li, lp, inp: StepInputs, *, a: ModelArgs, attn: AttentionBackend,
+                    max_q_len: int, inv_freq, rot: int):
+    """``x + attention(norm(x))`` over the paged pool (this step's K/V written to layer
+    ``li`` first); RoPE on the first ``rot`` dims of each head (Llama: all of them; Bamba:
+    half; ``inv_freq`` from ``inv_frequencies(rot, ...)``). Returns (x, k_pool, v_pool)."""
+    H, KV, Dh, T = a.num_heads, a.num_kv_heads, a.head_dim, x.shape[0]
+
+    def rope(t):  # [T, N, Dh]
+        if rot == Dh:
+            return apply_rope(t, inp.positions, inv_freq)
+        return jnp.concatenate([apply_rope(t[..., :rot], inp.positions, inv_freq), t[..., rot:]], axis=-1)
+
+    h = rms_norm(x, lp["attn_norm"], a.rms_norm_eps)
+    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+    if "bq" in lp:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q, k = rope(q.reshape(T, H, Dh)), rope(k.reshape(T, KV, Dh))
+    k_pool, v_pool = attn.write_kv(k_pool, v_pool, li, k, v.reshape(T, KV, Dh), inp.slot_mapping)
+    scale = 1.0 / float(np.sqrt(Dh))
+    if max_q_len == 1:
+        o = attn.decode(q, k_pool, v_pool, li, inp.page_table, inp.kv_lens, scale=scale)
+    else:
+        o = attn.prefill(q, k_pool, v_pool, li, inp.page_table, inp.cu_q_lens, inp.kv_lens,
+                         max_q_len=max_q_len, scale=scale)
+    return x + o.reshape(T, H * Dh) @ lp["wo"], k_pool, v_pool
+
+
+def mlp_block(x, lp, eps: float):
+    """``x + swiglu(norm(x))``."""
+    h = rms_norm(x, lp["mlp_norm"], eps)
+    return x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+
+
 def forward(graphdef, state, k_pool, v_pool, inp: StepInputs, *, attn: AttentionBackend,
             max_q_len: int):
     """Run one step. Returns (logits [B, V] float32, k_pool, v_pool).
@@ -85,30 +118,14 @@ def forward(graphdef, state, k_pool, v_pool, inp: StepInputs, *, attn: Attention
     """
     model: Llama = nnx.merge(graphdef, state)
     a = model.args
-    H, KV, Dh = a.num_heads, a.num_kv_heads, a.head_dim
-    scale = 1.0 / float(np.sqrt(Dh))
-    inv_freq = inv_frequencies(Dh, a.rope_theta, a.rope_scaling)
+    inv_freq = inv_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)
     x = model.embed[...][inp.tokens]  # [T, D]
-    T = x.shape[0]
 
     def layer(carry, lp):
         x, k_pool, v_pool, li = carry
-        h = rms_norm(x, lp["attn_norm"], a.rms_norm_eps)
-        q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
-        if "bq" in lp:
-            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-        q = apply_rope(q.reshape(T, H, Dh), inp.positions, inv_freq)
-        k = apply_rope(k.reshape(T, KV, Dh), inp.positions, inv_freq)
-        k_pool, v_pool = attn.write_kv(k_pool, v_pool, li, k, v.reshape(T, KV, Dh), inp.slot_mapping)
-        if max_q_len == 1:
-            o = attn.decode(q, k_pool, v_pool, li, inp.page_table, inp.kv_lens, scale=scale)
-        else:
-            o = attn.prefill(q, k_pool, v_pool, li, inp.page_table, inp.cu_q_lens, inp.kv_lens,
-                             max_q_len=max_q_len, scale=scale)
-        x = x + o.reshape(T, H * Dh) @ lp["wo"]
-        h = rms_norm(x, lp["mlp_norm"], a.rms_norm_eps)
-        x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
-        return (x, k_pool, v_pool, li + 1), None
+        x, k_pool, v_pool = attention_block(x, k_pool, v_pool, li, lp, inp, a=a, attn=attn, max_q_len=max_q_len,
+                                            inv_freq=inv_freq, rot=a.head_dim)
+        return (mlp_block(x, lp, a.rms_norm_eps), k_pool, v_pool, li + 1), None
 
     carry = (x, k_pool, v_pool, jnp.int32(0))
     if isinstance(model.layers, LayerList):
