@@ -135,6 +135,7 @@ def test_state_layouts_must_agree_at_handshake(hybrid_ckpt):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("hybrid_dir", ["bamba"], indirect=True)  # (Bamba moves pages and state)
 def test_two_processes_move_state_over_nixl(hybrid_dir, hybrid_ckpt, reference):
     """Guards against what only breaks across processes: state-pool addresses registered in
     one process and written from another, the state layout in the serialised handshake, the
@@ -143,8 +144,6 @@ def test_two_processes_move_state_over_nixl(hybrid_dir, hybrid_ckpt, reference):
     from tests.disagg.procs import Worker, run_concurrently
     from tests.disagg.test_processes import as_dict
 
-    if hybrid_ckpt.args.num_attn_layers == 0:
-        pytest.skip("one hybrid is enough here: Bamba moves pages and state")
     prompts, params, ref = reference
     engine = ["model=hf", f"model.path={hybrid_dir}", "model.name=bamba-tiny", "model.dtype=float32", "cache=none",
               "engine.page_size=4", "engine.chunk_size=16", "engine.num_pages=256", "engine.max_prefill_seqs=4",
